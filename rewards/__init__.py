@@ -1,0 +1,1 @@
+"""What decides a reward: answer verification and the code sandbox."""

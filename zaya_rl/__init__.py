@@ -1,0 +1,1 @@
+"""zaya-rl: RL post-training of reasoning MoE models on Ray, with vLLM and DeepSpeed."""
