@@ -187,15 +187,14 @@ def _line_of(node: yaml.Node | None, loc: tuple) -> int | None:
     """1-based line of the deepest YAML node on `loc` (a pydantic error location)."""
     line = node.start_mark.line + 1 if node is not None else None
     for key in loc:
+        child = None
         if isinstance(node, yaml.MappingNode):
-            node = next((v for k, v in node.value if k.value == key), None)
+            child = next((v for k, v in node.value if k.value == key), None)
         elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
-            node = node.value[key]
-        else:
-            continue  # discriminator tags such as 'sft' are in loc but not in the YAML
-        if node is None:
-            break
-        line = node.start_mark.line + 1
+            child = node.value[key]
+        if child is None:
+            continue  # a discriminator tag such as 'sft', or a field the YAML lacks
+        node, line = child, child.start_mark.line + 1
     return line
 
 

@@ -1,0 +1,241 @@
+"""Math answer verification: extract the final answer and compare it with the gold one.
+
+Owns `extract_answer` and `verify` (pure functions that run in the calling process) and
+`MathVerifier`, which runs `verify` in one killable child process under a wall-clock limit
+per item.
+
+Why the child process: math-verify's own time limits use `signal.alarm`, which fails off
+the main thread (and code that swallows that error scores everything 0). With those limits
+turned off, a pathological answer such as `9^{9^{9^{9}}}` makes sympy run forever, so the
+only reliable limit is killing the process that runs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import multiprocessing
+import os
+import re
+import resource
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+
+import math_verify
+
+MAX_ANSWER_CHARS = 10_000
+# Bounds the damage of answers that make sympy build giant numbers (e.g. `100000!!`).
+CHILD_ADDRESS_SPACE_BYTES = 2 << 30
+STARTUP_TIMEOUT_S = 60.0
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+_BOX_TOKENS = re.compile(r"\\boxed\s*\{|\{|\}")
+_ANSWER_LINE = re.compile(r"^[ \t*#]*(?:final[ \t]+)?answer[ \t*]*:[ \t*]*(.*)$", re.IGNORECASE | re.MULTILINE)
+_NUMBER = re.compile(r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|[+-]?\.\d+")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The result of checking one answer; `reason` says why, for logs and metrics."""
+
+    correct: bool
+    reason: str
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer in `text`, or None when there is none.
+
+    Order: content of the last brace-matched `\\boxed{...}`, else of the last
+    `<answer>...</answer>`, else the rest of the last `Answer:` line.
+    """
+    boxed = _last_boxed(text)
+    if boxed is not None:
+        return boxed.strip()
+    close = text.rfind("</answer>")
+    if close != -1:
+        start = text.rfind("<answer>", 0, close)
+        if start != -1:
+            return text[start + len("<answer>") : close].strip()
+    last_line = None
+    for match in _ANSWER_LINE.finditer(text):
+        last_line = match.group(1)
+    if last_line is not None:
+        return last_line.strip().rstrip(".").strip("$").strip()
+    return None
+
+
+def _last_boxed(text: str) -> str | None:
+    # One pass with a stack, so unclosed boxes cost linear time; the closed box that ends
+    # last is the outermost of the last answer.
+    stack: list[int | None] = []  # content start for a box, None for a plain brace
+    best: tuple[int, int] | None = None
+    for match in _BOX_TOKENS.finditer(text):
+        token = match.group()
+        if token == "}":
+            if stack:
+                start = stack.pop()
+                if start is not None:
+                    best = (start, match.start())
+        elif token == "{":
+            stack.append(None)
+        else:
+            stack.append(match.end())
+    return None if best is None else text[best[0] : best[1]]
+
+
+def _as_number(s: str) -> Decimal | None:
+    s = s.replace("{,}", ",").replace("\\!", "").replace("$", "").strip()
+    if not _NUMBER.fullmatch(s):
+        return None
+    try:
+        return Decimal(s.replace(",", ""))
+    except InvalidOperation:
+        return None
+
+
+def verify(completion: str, gold: str) -> Verdict:
+    """Whether the final answer in `completion` equals `gold`. Never raises.
+
+    No time limit of its own: run it through `MathVerifier` when the input is untrusted.
+    """
+    try:
+        pred = extract_answer(completion)
+        if not pred:  # None, or an empty box
+            return Verdict(False, "no answer found")
+        if len(pred) > MAX_ANSWER_CHARS:
+            return Verdict(False, "answer too long")
+        pred_num, gold_num = _as_number(pred), _as_number(gold)
+        if pred_num is not None and gold_num is not None:
+            return Verdict(pred_num == gold_num, "equal" if pred_num == gold_num else "not equal")
+        # LaTeX is only found inside math delimiters, hence the \boxed wrapping. The time
+        # limits are off (None) because they use signal.alarm; the caller kills instead.
+        gold_parsed = math_verify.parse("\\boxed{" + gold + "}", parsing_timeout=None)
+        if not gold_parsed:
+            return Verdict(False, "error: gold answer does not parse")
+        pred_parsed = math_verify.parse("\\boxed{" + pred + "}", parsing_timeout=None)
+        # Not symmetric: gold first.
+        equal = math_verify.verify(gold_parsed, pred_parsed, timeout_seconds=None)
+        return Verdict(equal, "equal" if equal else "not equal")
+    except Exception as e:  # noqa: BLE001 -- a bad answer must score 0, not stop training
+        return Verdict(False, f"error: {type(e).__name__}: {str(e)[:200]}")
+
+
+def _die_with_owner(keep_fd: int) -> None:
+    # A child stuck in C-level big-integer maths holds the GIL, so no thread can watch for
+    # the owner's death. Instead: our parent is the forkserver, which exits once every copy
+    # of its inherited "alive" pipe is closed, so close ours (all fds but the pipe to the
+    # owner and stdio), and have the kernel SIGKILL us when the forkserver exits.
+    if sys.platform != "linux":
+        return
+    for fd in map(int, os.listdir("/proc/self/fd")):
+        if fd > 2 and fd != keep_fd:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _child_main(conn) -> None:
+    """Child loop: receive a batch of (completion, gold), answer item by item."""
+    _die_with_owner(conn.fileno())
+    resource.setrlimit(resource.RLIMIT_AS, (CHILD_ADDRESS_SPACE_BYTES, CHILD_ADDRESS_SPACE_BYTES))
+    # math-verify warns that its time limits are off; here that is the design.
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    # The first symbolic comparison imports and compiles lazily (~0.5 s); pay it before
+    # "ready" so it never counts against an item's time limit.
+    verify("\\boxed{x^2 + x}", "x(x + 1)")
+    conn.send("ready")
+    while True:
+        try:
+            batch = conn.recv()
+        except EOFError:  # parent is gone
+            return
+        for completion, gold in batch:
+            conn.send(verify(completion, gold))
+
+
+class MathVerifier:
+    """Runs `verify` in one child process, with a wall-clock limit per item.
+
+    A child that overruns the limit is killed (SIGKILL) and replaced; its item scores
+    Verdict(False, "timeout"). Not thread-safe: one `score` call at a time.
+    """
+
+    def __init__(self) -> None:
+        # forkserver with the module preloaded: a replacement child is a fork of a
+        # process that already imported sympy (1-2 s to import), not a fresh interpreter.
+        self._ctx = multiprocessing.get_context("forkserver")
+        self._ctx.set_forkserver_preload([__name__])
+        self._proc = None
+        self._conn = None
+
+    def _start(self) -> bool:
+        """Start a child and wait until it is ready, so start-up never eats an item's time."""
+        parent_conn, child_conn = self._ctx.Pipe()
+        self._proc = self._ctx.Process(target=_child_main, args=(child_conn,), daemon=True)
+        self._conn = parent_conn
+        try:
+            self._proc.start()
+            child_conn.close()  # so the parent sees EOF when the child dies
+            if parent_conn.poll(STARTUP_TIMEOUT_S) and parent_conn.recv() == "ready":
+                return True
+        except Exception:  # noqa: BLE001 -- reported as verdicts by score()
+            pass
+        self._kill()
+        return False
+
+    def _kill(self) -> None:
+        if self._proc is not None:
+            if self._proc.pid is not None:  # None: start() itself failed
+                self._proc.kill()
+                self._proc.join()
+            self._conn.close()
+        self._proc = self._conn = None
+
+    def score(self, items: list[tuple[str, str]], timeout_s: float = 5.0) -> list[Verdict]:
+        """One Verdict per (completion, gold), in order. Never hangs, never raises."""
+        verdicts: list[Verdict] = []
+        while len(verdicts) < len(items):
+            if self._proc is None and not self._start():
+                failed = Verdict(False, "error: verifier process failed to start")
+                return verdicts + [failed] * (len(items) - len(verdicts))
+            pending = items[len(verdicts) :]
+            try:
+                self._conn.send(pending)
+            except (OSError, ValueError):  # child already dead: the pipe is broken
+                self._kill()
+                verdicts.append(Verdict(False, "error: verifier process died"))
+                continue
+            for _ in pending:
+                verdict = self._receive(timeout_s)
+                verdicts.append(verdict)
+                if self._proc is None:  # killed: resend the rest to a fresh child
+                    break
+        return verdicts
+
+    def _receive(self, timeout_s: float) -> Verdict:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._kill()
+                return Verdict(False, "timeout")
+            try:
+                if self._conn.poll(remaining):
+                    return self._conn.recv()
+            except (EOFError, OSError):
+                self._kill()
+                return Verdict(False, "error: verifier process died")
+
+    def close(self) -> None:
+        """Kill the child process."""
+        self._kill()
+
+    def __enter__(self) -> MathVerifier:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

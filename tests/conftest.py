@@ -1,0 +1,35 @@
+"""Shared fixtures: a tiny checkpoint built once per session, and a real local Ray."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A 2-layer Qwen3-MoE (4 experts, top-2) with a tokenizer trained on chain sums."""
+    from zaya_rl.models import build_checkpoint
+    from zaya_rl.recipe import TinyModelConfig
+    from zaya_rl.tasks import TaskStream
+
+    stream = TaskStream("chain_sum", 0)
+    corpus = [t.prompt + t.solution for level in range(3) for t in stream.take(level, 300)]
+    cfg = TinyModelConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32,
+                          num_experts=4, experts_per_token=2, moe_intermediate_size=64)
+    return build_checkpoint(cfg, corpus, tmp_path_factory.mktemp("ckpt") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray instance shared by the end-to-end tests of one session."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,84 @@
+"""The default job's whole path through real Ray, vLLM, DeepSpeed and verifier actors."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from zaya_rl.models import load_model
+
+HERE = Path(__file__).parent
+ROOT = HERE.parents[1]
+pytestmark = pytest.mark.ray
+
+
+def check_run_dir(run_dir: Path, rl_steps: int):
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert set(summary["stages"]) == {"warmup", "rl"}
+    for stage in summary["stages"].values():
+        assert 0.0 <= stage["eval_accuracy"] <= 1.0
+        assert stage["eval_sampled"]["n"] == 24
+        assert stage["wall_seconds"] > 0 and stage["generated_tokens_per_second"] > 0
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rl = [r for r in records if r["stage"] == "rl" and "reward" in r]
+    assert [r["step"] for r in rl] == list(range(rl_steps))
+    # The learner's weights reached the engine: after a sync both give the same log-probs.
+    for r in rl[1:]:
+        assert r["mean_abs_logprob_diff"] < 1e-3, r
+    model = load_model(run_dir / "final")
+    assert model.config.num_experts == 4
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+    return summary
+
+
+def test_run_through_cli_on_local_ray(tmp_path):
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-m", "zaya_rl.cli", "run", str(HERE / "mini.yaml"),
+                           "--run-dir", str(run_dir)], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "held-out acc" in proc.stdout
+    check_run_dir(run_dir, rl_steps=3)
+    print(f"mini recipe through the CLI: {time.time() - start:.0f} s")
+
+
+@pytest.mark.slow
+def test_ray_job_submit_to_a_head_node(tmp_path):
+    """The cluster path: `ray start --head`, then `ray job submit ... -- zaya-rl run`."""
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    port = "8299"
+    # --block keeps the head's processes in this process group, so stopping it stops only
+    # them (`ray stop` would also stop other Ray instances of this test session).
+    head = subprocess.Popen(
+        [str(bin_dir / "ray"), "start", "--head", "--block", "--num-cpus=2", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={port}", f"--temp-dir={tmp_path / 'ray'}", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        work = tmp_path / "work"
+        shutil.copytree(HERE, work / "recipes")
+        run_dir = tmp_path / "jobrun"
+        submit = [str(bin_dir / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{port}",
+                  "--working-dir", str(work), "--", "zaya-rl", "run", "recipes/mini.yaml", "--run-dir", str(run_dir)]
+        deadline = time.time() + 120
+        while True:  # the dashboard answers some seconds after the head starts
+            proc = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
+            if proc.returncode == 0 or time.time() > deadline or "Connection" not in proc.stderr + proc.stdout:
+                break
+            time.sleep(3)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "succeeded" in proc.stdout
+        check_run_dir(run_dir, rl_steps=3)
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=120)

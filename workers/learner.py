@@ -1,0 +1,378 @@
+"""The learner: a DeepSpeed engine around the Hugging Face policy, and its Ray shell.
+
+`Learner` is a plain class (no Ray needed) that owns one data-parallel rank: it joins the
+torch.distributed group, wraps the fp32 transformers model in DeepSpeed (ZeRO 0/1/2, torch
+AdamW, gradient clipping) and runs SFT and PPO-clip updates on batches of `Sequence`s.
+The controller owns the learning-rate schedule and passes `lr` into every step.
+
+`LearnerWorker` is the Ray actor shell around one `Learner`; `LearnerGroup` places one
+worker per rank, splits each batch into equal contiguous shards and gathers the stats.
+
+Every forward pass uses one layout: prompt + completion right-padded into (batch, time),
+and the log-probs of completion token j of sequence i at [i, j] of a (batch, completion)
+tensor, the layout of the engine's `old_logprobs`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from dataclasses import dataclass
+
+import ray
+import torch
+
+from zaya_rl.recipe import DeepSpeedConfig
+
+# Files of a checkpoint directory that hold weights; everything else save() does not write
+# itself (tokenizer files, chat template) is copied over from the source checkpoint.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
+
+
+@dataclass
+class Sequence:
+    """One training sequence. `completion_ids` already ends with EOS when the sample ended."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    advantage: float = 0.0
+    old_logprobs: list[float] | None = None  # the rollout engine's, one per completion token
+
+
+@dataclass
+class _Tensors:
+    input_ids: torch.Tensor       # (B, T) prompt + completion, right-padded
+    attention_mask: torch.Tensor  # (B, T)
+    positions: torch.Tensor       # (B, C) index into T of the logits that predict completion token j
+    targets: torch.Tensor         # (B, C) completion token ids
+    mask: torch.Tensor            # (B, C) 1.0 on real completion tokens
+    advantages: torch.Tensor      # (B,)
+
+
+def collate(batch: list[Sequence], pad_id: int, device: torch.device) -> _Tensors:
+    if not batch:
+        raise ValueError("empty batch")
+    for seq in batch:
+        if not seq.prompt_ids or not seq.completion_ids:
+            raise ValueError("every sequence needs a non-empty prompt and completion")
+    width = max(len(s.prompt_ids) + len(s.completion_ids) for s in batch)
+    comp = max(len(s.completion_ids) for s in batch)
+    input_ids, attention, positions, targets, mask = [], [], [], [], []
+    for s in batch:
+        n, c = len(s.prompt_ids) + len(s.completion_ids), len(s.completion_ids)
+        input_ids.append(s.prompt_ids + s.completion_ids + [pad_id] * (width - n))
+        attention.append([1] * n + [0] * (width - n))
+        start = len(s.prompt_ids) - 1  # logits at position t predict token t + 1
+        positions.append(list(range(start, start + c)) + [0] * (comp - c))
+        targets.append(s.completion_ids + [0] * (comp - c))
+        mask.append([1.0] * c + [0.0] * (comp - c))
+    long = dict(dtype=torch.long, device=device)
+    return _Tensors(
+        input_ids=torch.tensor(input_ids, **long),
+        attention_mask=torch.tensor(attention, **long),
+        positions=torch.tensor(positions, **long),
+        targets=torch.tensor(targets, **long),
+        mask=torch.tensor(mask, dtype=torch.float32, device=device),
+        advantages=torch.tensor([s.advantage for s in batch], dtype=torch.float32, device=device),
+    )
+
+
+def completion_logprobs(logits: torch.Tensor, t: _Tensors, temperature: float = 1.0) -> torch.Tensor:
+    """fp32 log-probs of each completion token under softmax(logits / temperature), (B, C)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    rows = logits.gather(1, t.positions[..., None].expand(-1, -1, logits.shape[-1])).float() / temperature
+    return rows.gather(-1, t.targets[..., None]).squeeze(-1) - rows.logsumexp(-1)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Learner:
+    """One data-parallel rank: a DeepSpeed engine over the fp32 transformers model."""
+
+    def __init__(self, model_path: str, ds: DeepSpeedConfig, rank: int = 0, world_size: int = 1,
+                 master_addr: str = "127.0.0.1", master_port: int = 29500, torch_threads: int = 1,
+                 seed: int = 0):
+        import deepspeed
+
+        from zaya_rl.models import load_model
+
+        on_gpu = torch.cuda.is_available()
+        local_rank = rank % torch.cuda.device_count() if on_gpu else rank
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+                          LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size))
+        torch.set_num_threads(torch_threads)
+        torch.manual_seed(seed)
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+
+        model = load_model(model_path)
+        # transformers also offers "batched_mm" (about 50x slower on CPU) and "eager"; grouped
+        # GEMMs over tokens sorted by expert are as fast as eager on CPU and the fast path on GPU.
+        model.set_experts_implementation("grouped_mm")
+        model.eval()  # no dropout: learner and engine log-probs must agree token for token
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=ds.weight_decay)
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config={
+            # We feed each rank's whole shard as one padded micro-batch and step after it.
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": ds.grad_clip,
+            "zero_optimization": {"stage": ds.zero_stage},
+            "zero_allow_untested_optimizer": True,  # torch AdamW under ZeRO
+            "steps_per_print": 2**31 - 1,
+        })
+        self.model_path = str(model_path)
+        self.rank = rank
+        self.world_size = world_size
+        self.zero_stage = ds.zero_stage
+        self.device = self.engine.device
+        config = self.engine.module.config
+        self.pad_id = config.pad_token_id if config.pad_token_id is not None else 0
+        self.top_k = config.num_experts_per_tok
+        self.num_experts = config.num_experts
+
+    # --- updates --------------------------------------------------------------------------
+
+    def sft_step(self, batch: list[Sequence], lr: float) -> dict:
+        """One optimizer step of next-token NLL on the completion tokens (EOS included)."""
+        from zaya_rl.algorithms import sft_loss
+
+        t = collate(batch, self.pad_id, self.device)
+        logits = self.engine(input_ids=t.input_ids, attention_mask=t.attention_mask).logits
+        logprobs = completion_logprobs(logits, t)
+        # sft_loss is a mean over this shard's tokens; rescale so that the gradient DeepSpeed
+        # averages over ranks is the gradient of the mean over all ranks' tokens.
+        tokens = float(t.mask.sum())
+        scale = tokens * self.world_size / self._sum_over_ranks(tokens)
+        loss = sft_loss(logprobs, t.mask) * scale
+        grad_norm = self._backward_and_step(loss, lr)
+        return {"loss": float(loss.detach()), "tokens": int(tokens), "grad_norm": grad_norm}
+
+    def rl_step(self, batch: list[Sequence], lr: float, clip_low: float, clip_high: float,
+                minibatches: int = 1, temperature: float = 1.0) -> dict:
+        """PPO-clip against the engine's log-probs: one optimizer step per minibatch.
+
+        `temperature` must match the distribution old_logprobs describe: vLLM's
+        "processed_logprobs" are at the sampling temperature, its "raw_logprobs" at 1.
+        expert_load[layer][e] is the fraction of (non-pad) tokens routed to expert e, so a
+        row sums to experts_per_token. The router's load-balancing loss is reported, not
+        trained on: the policy loss stays exactly the PPO objective.
+        """
+        from zaya_rl.algorithms import ppo_clip_loss
+
+        if not 1 <= minibatches <= len(batch):
+            raise ValueError(f"minibatches must be in 1..{len(batch)}, got {minibatches}")
+        for seq in batch:
+            if seq.old_logprobs is None or len(seq.old_logprobs) != len(seq.completion_ids):
+                raise ValueError("rl_step needs old_logprobs with one value per completion token")
+        losses, clip_fractions, grad_norms, aux_losses = [], [], [], []
+        routed = torch.zeros(self.engine.module.config.num_hidden_layers, self.num_experts)
+        routed_tokens, mismatch = 0.0, 0.0
+        for index, part in enumerate(_split(batch, minibatches)):
+            t = collate(part, self.pad_id, self.device)
+            old = torch.tensor([s.old_logprobs + [0.0] * (t.mask.shape[1] - len(s.old_logprobs))
+                                for s in part], dtype=torch.float32, device=self.device)
+            out = self.engine(input_ids=t.input_ids, attention_mask=t.attention_mask,
+                              output_router_logits=True)
+            logprobs = completion_logprobs(out.logits, t, temperature)
+            if index == 0:  # before any update: how far the engine is from the learner
+                mismatch = float(((logprobs.detach() - old).abs() * t.mask).sum() / t.mask.sum())
+            loss, info = ppo_clip_loss(logprobs, old, t.advantages, t.mask, clip_low, clip_high)
+            grad_norms.append(self._backward_and_step(loss, lr))
+            losses.append(float(loss.detach()))
+            clip_fractions.append(info["clip_fraction"])
+            aux_losses.append(float(out.aux_loss.detach()))
+            routed = routed + self._routed_counts(out.router_logits, t.attention_mask)
+            routed_tokens += float(t.attention_mask.sum())
+        return {
+            "loss": _mean(losses),
+            "clip_fraction": _mean(clip_fractions),
+            "grad_norm": _mean(grad_norms),
+            "tokens": int(sum(len(s.completion_ids) for s in batch)),
+            "mean_abs_logprob_diff": mismatch,
+            "expert_load": (routed / routed_tokens).tolist(),
+            "router_aux_loss": _mean(aux_losses),
+        }
+
+    @torch.no_grad()
+    def logprobs(self, batch: list[Sequence], temperature: float = 1.0) -> list[list[float]]:
+        """Per-token log-probs of each completion under the current weights."""
+        t = collate(batch, self.pad_id, self.device)
+        logits = self.engine(input_ids=t.input_ids, attention_mask=t.attention_mask).logits
+        rows = completion_logprobs(logits, t, temperature).cpu().tolist()
+        return [row[:len(s.completion_ids)] for row, s in zip(rows, batch)]
+
+    # --- weights out ----------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Full fp32 CPU weights under the transformers module's parameter names.
+
+        ZeRO 0/1/2 partition only gradients and optimizer state: after every step each rank
+        holds all parameters, so any rank can answer; rank 0 is the one asked.
+        """
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.engine.module.state_dict().items()}
+
+    def save(self, path: str) -> None:
+        """Rank 0 writes an HF checkpoint directory (weights, config, tokenizer) atomically."""
+        if self.rank != 0:
+            return
+        path = str(path)
+        tmp = path + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        # Copies, not the live parameters: ZeRO makes them views into one flat buffer.
+        self.engine.module.save_pretrained(tmp, state_dict=self.state_dict())
+        for name in os.listdir(self.model_path):
+            source = os.path.join(self.model_path, name)
+            if (os.path.isfile(source) and not name.endswith(WEIGHT_SUFFIXES)
+                    and not os.path.exists(os.path.join(tmp, name))):
+                shutil.copy2(source, tmp)
+        if os.path.exists(path):  # a directory cannot be os.replace'd onto a non-empty one
+            old = path + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+
+    # --- internals ------------------------------------------------------------------------
+
+    def _backward_and_step(self, loss: torch.Tensor, lr: float) -> float:
+        """Backward, one optimizer step at `lr`; returns the gradient norm before clipping."""
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        self.engine.backward(loss)
+        if self.zero_stage == 0:  # grads are full and already averaged over ranks
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            grad_norm = float(torch.nn.utils.get_total_norm(grads))
+        self.engine.step()
+        if self.zero_stage > 0:  # grads are partitioned; the ZeRO optimizer reduced the norm
+            grad_norm = float(self.engine.get_global_grad_norm())
+        return grad_norm
+
+    def _sum_over_ranks(self, value: float) -> float:
+        if self.world_size == 1:
+            return value
+        total = torch.tensor([value], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(total)
+        return float(total)
+
+    def _routed_counts(self, router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor):
+        """(layers, experts) counts of non-pad tokens that picked each expert in their top-k."""
+        weight = attention_mask.reshape(-1).float().repeat_interleave(self.top_k)
+        counts = []
+        for layer in router_logits:
+            chosen = layer.detach().topk(self.top_k, dim=-1).indices.reshape(-1)
+            counts.append(torch.zeros(self.num_experts, device=layer.device).scatter_add_(0, chosen, weight))
+        return torch.stack(counts).cpu()
+
+
+def _split(batch: list, parts: int) -> list[list]:
+    """Contiguous parts whose sizes differ by at most one."""
+    size, extra = divmod(len(batch), parts)
+    bounds = [i * size + min(i, extra) for i in range(parts + 1)]
+    return [batch[bounds[i]:bounds[i + 1]] for i in range(parts)]
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+# --- Ray -----------------------------------------------------------------------------------
+
+
+@ray.remote(num_cpus=0)
+class LearnerWorker:
+    def __init__(self, **learner_kwargs):
+        self.learner = Learner(**learner_kwargs)
+
+    def node_ip(self) -> str:
+        return ray.util.get_node_ip_address()
+
+    def sft_step(self, batch: list[Sequence], lr: float) -> dict:
+        return self.learner.sft_step(batch, lr)
+
+    def rl_step(self, batch: list[Sequence], lr: float, clip_low: float, clip_high: float,
+                minibatches: int = 1, temperature: float = 1.0) -> dict:
+        return self.learner.rl_step(batch, lr, clip_low, clip_high, minibatches, temperature)
+
+    def logprobs(self, batch: list[Sequence], temperature: float = 1.0) -> list[list[float]]:
+        return self.learner.logprobs(batch, temperature)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.learner.state_dict()
+
+    def save(self, path: str) -> None:
+        self.learner.save(path)
+
+
+class LearnerGroup:
+    """`num_workers` data-parallel ranks on this node; each step splits the batch evenly."""
+
+    def __init__(self, num_workers: int, model_path: str, ds: DeepSpeedConfig, torch_threads: int = 1,
+                 seed: int = 0, name: str = "learner"):
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        self.num_workers = num_workers
+        port = free_port()
+        # Created together: each rank's init_distributed waits until all ranks have joined.
+        self.workers = [
+            LearnerWorker.options(name=f"{name}-{rank}").remote(
+                model_path=str(model_path), ds=ds, rank=rank, world_size=num_workers,
+                master_addr="127.0.0.1", master_port=port, torch_threads=torch_threads, seed=seed)
+            for rank in range(num_workers)
+        ]
+        ray.get([w.node_ip.remote() for w in self.workers])  # surfaces any init failure here
+
+    def sft_step(self, batch: list[Sequence], lr: float) -> dict:
+        shards = self._shards(batch)
+        return _merge(ray.get([w.sft_step.remote(s, lr) for w, s in zip(self.workers, shards)]))
+
+    def rl_step(self, batch: list[Sequence], lr: float, clip_low: float, clip_high: float,
+                minibatches: int = 1, temperature: float = 1.0) -> dict:
+        shards = self._shards(batch)
+        return _merge(ray.get([w.rl_step.remote(s, lr, clip_low, clip_high, minibatches, temperature)
+                               for w, s in zip(self.workers, shards)]))
+
+    def logprobs(self, batch: list[Sequence], temperature: float = 1.0) -> list[list[float]]:
+        return ray.get(self.workers[0].logprobs.remote(batch, temperature))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return ray.get(self.state_dict_ref())
+
+    def state_dict_ref(self) -> ray.ObjectRef:
+        """Rank 0's weights as an object ref: rollout workers fetch them from the object store."""
+        return self.workers[0].state_dict.remote()
+
+    def save(self, path: str) -> None:
+        ray.get(self.workers[0].save.remote(str(path)))
+
+    def shutdown(self) -> None:
+        for worker in self.workers:
+            ray.kill(worker)
+        self.workers = []
+
+    def _shards(self, batch: list[Sequence]) -> list[list[Sequence]]:
+        if len(batch) % self.num_workers:
+            raise ValueError(f"batch of {len(batch)} does not split evenly over {self.num_workers} learners")
+        return _split(batch, self.num_workers)
+
+
+def _merge(stats: list[dict]) -> dict:
+    """Rank 0's stats, with per-rank means averaged and token counts summed over ranks.
+
+    grad_norm is already global. Losses are exact (each rank's loss is scaled so that their
+    mean is the full-batch loss); the other means weigh every rank equally.
+    """
+    out = dict(stats[0])
+    for key in ("loss", "clip_fraction", "mean_abs_logprob_diff", "router_aux_loss"):
+        if key in out:
+            out[key] = _mean([s[key] for s in stats])
+    out["tokens"] = sum(s["tokens"] for s in stats)
+    if "expert_load" in out:
+        out["expert_load"] = torch.tensor([s["expert_load"] for s in stats]).mean(0).tolist()
+    return out
