@@ -62,7 +62,7 @@ def print_summary(summary: dict) -> None:
             f"{greedy['accuracy']:.3f}" if greedy else "-",
             f"{s['generated_tokens_per_second']:.0f}" if "generated_tokens_per_second" in s else "-",
         )
-    Console().print(table)
+    Console(width=140).print(table)
     print(f"final checkpoint: {summary['final_checkpoint']}")
 
 

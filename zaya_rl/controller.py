@@ -153,6 +153,8 @@ class Controller:
             self.sync_weights()
             result.update(self.evaluate())
         result["wall_seconds"] = time.perf_counter() - start
+        result["checkpoint"] = str(self.run_dir / "stages" / stage.name)
+        self.learners.save(result["checkpoint"])
         self.summary["stages"][stage.name] = result
         self.metrics.log(stage.name, step + 1, {k: v for k, v in result.items() if isinstance(v, float)})
 

@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,14 +56,16 @@ def test_run_through_cli_on_local_ray(tmp_path):
 def test_ray_job_submit_to_a_head_node(tmp_path):
     """The cluster path: `ray start --head`, then `ray job submit ... -- zaya-rl run`."""
     bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    # One trusted machine: no token authentication between the CLI and the head.
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     port = "8299"
+    temp_dir = tempfile.mkdtemp(prefix="zr-")  # Ray's socket paths must stay under 107 bytes
     # --block keeps the head's processes in this process group, so stopping it stops only
     # them (`ray stop` would also stop other Ray instances of this test session).
     head = subprocess.Popen(
         [str(bin_dir / "ray"), "start", "--head", "--block", "--num-cpus=2", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={port}", f"--temp-dir={tmp_path / 'ray'}", "--disable-usage-stats"],
+         f"--dashboard-port={port}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         work = tmp_path / "work"
