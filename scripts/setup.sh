@@ -24,9 +24,6 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
         "${pip[@]}" torch==2.13.0
         "${pip[@]}" -e ".[cpu,test]"
         "$PY" -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
-        if ! command -v bwrap >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
-            (apt-get install -y -qq bubblewrap >/dev/null 2>&1 || true)
-        fi
     fi
     # DeepSpeed JIT-compiles its shared-memory comm op on first use (~60 s): do it now,
     # once, so that a run's wall time is the run's.

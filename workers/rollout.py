@@ -31,7 +31,6 @@ class VllmEngine:
     def __init__(self, model_path: str, seed: int, max_model_len: int, torch_threads: int):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        os.environ.setdefault("OMP_NUM_THREADS", str(torch_threads))
         from vllm import LLM
 
         self.llm = LLM(

@@ -89,8 +89,10 @@ class Controller:
         self.stream = TaskStream(recipe.tasks.generator, recipe.seed,
                                  exclude=frozenset(t.prompt for t in self.eval_tasks))
         res = recipe.resources
+        # Ray sets OMP_NUM_THREADS=1 in its workers; vLLM sizes its CPU thread pool from it.
+        threads = {"env_vars": {"OMP_NUM_THREADS": str(res.torch_threads)}}
         self.rollouts = [
-            RolloutWorker.options(name=f"rollout-{i}").remote(
+            RolloutWorker.options(name=f"rollout-{i}", runtime_env=threads).remote(
                 res.rollout_engine, str(self.model_path), seed=recipe.seed + i,
                 max_model_len=recipe.model.tiny.max_position_embeddings, torch_threads=res.torch_threads)
             for i in range(res.num_rollout_workers)
