@@ -4,6 +4,17 @@ Owns `extract_answer` and `verify` (pure functions that run in the calling proce
 `MathVerifier`, which runs `verify` in one killable child process under a wall-clock limit
 per item.
 
+Extraction is configurable per task: `formats` lists the places to look for the answer,
+in order ("boxed": the last brace-matched `\\boxed{}`, "answer_tag": the last
+`<answer>...</answer>`, "answer_line": the last `Answer:` line).
+
+Equivalence: when gold and prediction are both plain numbers (separators `1,000`,
+`1{,}000`, `1\\,000` and `1 000`; decimals; scientific notation `1.5e3` and
+`1.5 \\times 10^{3}`), integers compare exactly and other numbers within a relative
+tolerance of 1e-6 (NUMBER_RELATIVE_TOLERANCE). Everything else goes to math-verify
+(gold first): LaTeX expressions, equations such as `x = 2` against `2`, intervals, sets,
+tuples, matrices, percentages (`50\\%` equals `50`) and units text (`5\\text{ cm}`).
+
 Why the child process: math-verify's own time limits use `signal.alarm`, which fails off
 the main thread (and code that swallows that error scores everything 0). With those limits
 turned off, a pathological answer such as `9^{9^{9^{9}}}` makes sympy run forever, so the
@@ -35,7 +46,12 @@ _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 _BOX_TOKENS = re.compile(r"\\boxed\s*\{|\{|\}")
 _ANSWER_LINE = re.compile(r"^[ \t*#]*(?:final[ \t]+)?answer[ \t*]*:[ \t*]*(.*)$", re.IGNORECASE | re.MULTILINE)
-_NUMBER = re.compile(r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|[+-]?\.\d+")
+# Exponents of at most 4 digits: Decimal arithmetic on 1e999999999 would overflow.
+_NUMBER = re.compile(r"[+-]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|\.\d+)(?:e[+-]?\d{1,4})?", re.IGNORECASE)
+_TIMES_TEN = re.compile(r"(.+?)\s*(?:\\times|\\cdot)\s*10\s*\^\s*(?:\{\s*([+-]?\d{1,4})\s*\}|([+-]?\d))")
+_DIGIT_GROUP_SPACE = re.compile(r"(?<=\d)(?:\\,|\\ | )(?=\d{3}(?!\d))")
+NUMBER_RELATIVE_TOLERANCE = Decimal("1e-6")
+FORMATS = ("boxed", "answer_tag", "answer_line")
 
 
 @dataclass(frozen=True)
@@ -46,26 +62,39 @@ class Verdict:
     reason: str
 
 
-def extract_answer(text: str) -> str | None:
+def extract_answer(text: str, formats: tuple[str, ...] = FORMATS) -> str | None:
     """The final answer in `text`, or None when there is none.
 
-    Order: content of the last brace-matched `\\boxed{...}`, else of the last
-    `<answer>...</answer>`, else the rest of the last `Answer:` line.
+    Tries `formats` in order: "boxed" (content of the last brace-matched `\\boxed{...}`),
+    "answer_tag" (of the last `<answer>...</answer>`), "answer_line" (the rest of the last
+    `Answer:` line).
     """
-    boxed = _last_boxed(text)
-    if boxed is not None:
-        return boxed.strip()
+    for fmt in formats:
+        match fmt:
+            case "boxed":
+                answer = _last_boxed(text)
+            case "answer_tag":
+                answer = _last_answer_tag(text)
+            case "answer_line":
+                answer = _last_answer_line(text)
+            case _:
+                raise ValueError(f"unknown answer format {fmt!r}; expected one of {FORMATS}")
+        if answer is not None:
+            return answer.strip()
+    return None
+
+
+def _last_answer_tag(text: str) -> str | None:
     close = text.rfind("</answer>")
-    if close != -1:
-        start = text.rfind("<answer>", 0, close)
-        if start != -1:
-            return text[start + len("<answer>") : close].strip()
+    start = text.rfind("<answer>", 0, close) if close != -1 else -1
+    return None if start == -1 else text[start + len("<answer>") : close]
+
+
+def _last_answer_line(text: str) -> str | None:
     last_line = None
     for match in _ANSWER_LINE.finditer(text):
         last_line = match.group(1)
-    if last_line is not None:
-        return last_line.strip().rstrip(".").strip("$").strip()
-    return None
+    return None if last_line is None else last_line.strip().rstrip(".").strip("$")
 
 
 def _last_boxed(text: str) -> str | None:
@@ -89,6 +118,10 @@ def _last_boxed(text: str) -> str | None:
 
 def _as_number(s: str) -> Decimal | None:
     s = s.replace("{,}", ",").replace("\\!", "").replace("$", "").strip()
+    s = _DIGIT_GROUP_SPACE.sub(",", s)
+    times_ten = _TIMES_TEN.fullmatch(s)
+    if times_ten:
+        s = f"{times_ten.group(1)}e{times_ten.group(2) or times_ten.group(3)}"
     if not _NUMBER.fullmatch(s):
         return None
     try:
@@ -97,20 +130,29 @@ def _as_number(s: str) -> Decimal | None:
         return None
 
 
-def verify(completion: str, gold: str) -> Verdict:
+def _numbers_equal(gold: Decimal, pred: Decimal) -> bool:
+    if gold == pred:
+        return True
+    if gold == gold.to_integral_value() and pred == pred.to_integral_value():
+        return False  # integers: exact
+    return abs(gold - pred) <= NUMBER_RELATIVE_TOLERANCE * max(abs(gold), abs(pred))
+
+
+def verify(completion: str, gold: str, formats: tuple[str, ...] = FORMATS) -> Verdict:
     """Whether the final answer in `completion` equals `gold`. Never raises.
 
     No time limit of its own: run it through `MathVerifier` when the input is untrusted.
     """
     try:
-        pred = extract_answer(completion)
+        pred = extract_answer(completion, formats)
         if not pred:  # None, or an empty box
             return Verdict(False, "no answer found")
         if len(pred) > MAX_ANSWER_CHARS:
             return Verdict(False, "answer too long")
         pred_num, gold_num = _as_number(pred), _as_number(gold)
         if pred_num is not None and gold_num is not None:
-            return Verdict(pred_num == gold_num, "equal" if pred_num == gold_num else "not equal")
+            equal = _numbers_equal(gold_num, pred_num)
+            return Verdict(equal, "equal" if equal else "not equal")
         # LaTeX is only found inside math delimiters, hence the \boxed wrapping. The time
         # limits are off (None) because they use signal.alarm; the caller kills instead.
         gold_parsed = math_verify.parse("\\boxed{" + gold + "}", parsing_timeout=None)
@@ -139,7 +181,7 @@ def _die_with_owner(keep_fd: int) -> None:
 
 
 def _child_main(conn) -> None:
-    """Child loop: receive a batch of (completion, gold), answer item by item."""
+    """Child loop: receive a batch of (completion, gold) and the formats, answer item by item."""
     _die_with_owner(conn.fileno())
     resource.setrlimit(resource.RLIMIT_AS, (CHILD_ADDRESS_SPACE_BYTES, CHILD_ADDRESS_SPACE_BYTES))
     # math-verify warns that its time limits are off; here that is the design.
@@ -150,11 +192,11 @@ def _child_main(conn) -> None:
     conn.send("ready")
     while True:
         try:
-            batch = conn.recv()
+            batch, formats = conn.recv()
         except EOFError:  # parent is gone
             return
         for completion, gold in batch:
-            conn.send(verify(completion, gold))
+            conn.send(verify(completion, gold, formats))
 
 
 class MathVerifier:
@@ -195,8 +237,10 @@ class MathVerifier:
             self._conn.close()
         self._proc = self._conn = None
 
-    def score(self, items: list[tuple[str, str]], timeout_s: float = 5.0) -> list[Verdict]:
-        """One Verdict per (completion, gold), in order. Never hangs, never raises."""
+    def score(self, items: list[tuple[str, str]], timeout_s: float = 5.0, formats: tuple[str, ...] = FORMATS) -> list[Verdict]:
+        """One Verdict per (completion, gold), in order. Never hangs, never raises (except
+        ValueError for an unknown format)."""
+        extract_answer("", formats)  # a bad format is the caller's error: raise it here
         verdicts: list[Verdict] = []
         while len(verdicts) < len(items):
             if self._proc is None and not self._start():
@@ -204,7 +248,7 @@ class MathVerifier:
                 return verdicts + [failed] * (len(items) - len(verdicts))
             pending = items[len(verdicts) :]
             try:
-                self._conn.send(pending)
+                self._conn.send((pending, formats))
             except (OSError, ValueError):  # child already dead: the pipe is broken
                 self._kill()
                 verdicts.append(Verdict(False, "error: verifier process died"))

@@ -2,7 +2,8 @@
 
 `Learner` is a plain class (no Ray needed) that owns one data-parallel rank: it joins the
 torch.distributed group, wraps the fp32 transformers model in DeepSpeed (ZeRO 0/1/2, torch
-AdamW, gradient clipping) and runs SFT and PPO-clip updates on batches of `Sequence`s.
+AdamW, gradient clipping) and runs SFT and RL updates on batches of `Sequence`s; the RL loss,
+aggregation, importance correction and KL are the recipe's `AlgorithmConfig` (algorithms.py).
 The controller owns the learning-rate schedule and passes `lr` into every step.
 
 `LearnerWorker` is the Ray actor shell around one `Learner`; `LearnerGroup` places one
@@ -19,11 +20,12 @@ import os
 import shutil
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import ray
 import torch
 
-from zaya_rl.recipe import DeepSpeedConfig
+from zaya_rl.recipe import AlgorithmConfig, DeepSpeedConfig
 
 # Files of a checkpoint directory that hold weights; everything else save() does not write
 # itself (tokenizer files, chat template) is copied over from the source checkpoint.
@@ -86,6 +88,15 @@ def completion_logprobs(logits: torch.Tensor, t: _Tensors, temperature: float = 
     return rows.gather(-1, t.targets[..., None]).squeeze(-1) - rows.logsumexp(-1)
 
 
+def prepare_policy(model):
+    """Sets a transformers model up exactly as the learner runs it (the KL reference too)."""
+    # transformers also offers "batched_mm" (about 50x slower on CPU) and "eager"; grouped
+    # GEMMs over tokens sorted by expert are as fast as eager on CPU and the fast path on GPU.
+    model.set_experts_implementation("grouped_mm")
+    model.eval()  # no dropout: learner and engine log-probs must agree token for token
+    return model
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -110,11 +121,7 @@ class Learner:
         torch.manual_seed(seed)
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
 
-        model = load_model(model_path)
-        # transformers also offers "batched_mm" (about 50x slower on CPU) and "eager"; grouped
-        # GEMMs over tokens sorted by expert are as fast as eager on CPU and the fast path on GPU.
-        model.set_experts_implementation("grouped_mm")
-        model.eval()  # no dropout: learner and engine log-probs must agree token for token
+        model = prepare_policy(load_model(model_path))
         optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=ds.weight_decay)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config={
             # We feed each rank's whole shard as one padded micro-batch and step after it.
@@ -126,6 +133,10 @@ class Learner:
             "steps_per_print": 2**31 - 1,
         })
         self.model_path = str(model_path)
+        # Tokenizer and other non-weight files, kept in memory: save() writes them beside the
+        # weights even after the source directory (an old run checkpoint) has been pruned.
+        self.side_files = {name: Path(model_path, name).read_bytes() for name in os.listdir(model_path)
+                           if Path(model_path, name).is_file() and not name.endswith(WEIGHT_SUFFIXES)}
         self.rank = rank
         self.world_size = world_size
         self.zero_stage = ds.zero_stage
@@ -134,6 +145,7 @@ class Learner:
         self.pad_id = config.pad_token_id if config.pad_token_id is not None else 0
         self.top_k = config.num_experts_per_tok
         self.num_experts = config.num_experts
+        self.reference = None  # frozen policy for the KL term, made by the first rl_step using it
 
     # --- updates --------------------------------------------------------------------------
 
@@ -142,68 +154,89 @@ class Learner:
         from zaya_rl.algorithms import sft_loss
 
         t = collate(batch, self.pad_id, self.device)
-        logits = self.engine(input_ids=t.input_ids, attention_mask=t.attention_mask).logits
+        # use_cache=False everywhere: a training forward needs no KV cache, and filling one costs
+        # memory and makes torch.compile build one graph per layer (benchmarks/learner_gpu.py).
+        logits = self.engine(input_ids=t.input_ids, attention_mask=t.attention_mask, use_cache=False).logits
         logprobs = completion_logprobs(logits, t)
-        # sft_loss is a mean over this shard's tokens; rescale so that the gradient DeepSpeed
-        # averages over ranks is the gradient of the mean over all ranks' tokens.
-        tokens = float(t.mask.sum())
-        scale = tokens * self.world_size / self._sum_over_ranks(tokens)
-        loss = sft_loss(logprobs, t.mask) * scale
+        loss = sft_loss(logprobs, t.mask) * self._token_share(t.mask)  # a mean over all ranks' tokens
         grad_norm = self._backward_and_step(loss, lr)
-        return {"loss": float(loss.detach()), "tokens": int(tokens), "grad_norm": grad_norm}
+        return {"loss": float(loss.detach()), "tokens": int(t.mask.sum()), "grad_norm": grad_norm}
 
-    def rl_step(self, batch: list[Sequence], lr: float, clip_low: float, clip_high: float,
+    def rl_step(self, batch: list[Sequence], lr: float, algorithm: AlgorithmConfig,
                 minibatches: int = 1, temperature: float = 1.0) -> dict:
-        """PPO-clip against the engine's log-probs: one optimizer step per minibatch.
+        """One optimizer step per minibatch of the algorithm's policy loss (METHODS.md §5).
+
+        The old policy is the engine's (`Sequence.old_logprobs`, μ), except with `tis_cap` set
+        for ppo_clip, gspo and cispo: then it is this learner's before the step (π_old), and
+        each token's loss is weighted by min(π_old/μ, tis_cap). dppo_tv always compares with μ
+        and caps π/μ itself. With kl_coef > 0, kl_coef · KL(π || reference) joins the loss,
+        aggregated like it; the reference is the policy as it was at the first such step.
+        Under token_mean each rank's loss is scaled so that the ranks' mean is the mean over
+        all ranks' tokens.
 
         `temperature` must match the distribution old_logprobs describe: vLLM's
         "processed_logprobs" are at the sampling temperature, its "raw_logprobs" at 1.
         expert_load[layer][e] is the fraction of (non-pad) tokens routed to expert e, so a
         row sums to experts_per_token. The router's load-balancing loss is reported, not
-        trained on: the policy loss stays exactly the PPO objective.
+        trained on: the policy loss stays exactly the algorithm's objective.
         """
-        from zaya_rl.algorithms import ppo_clip_loss
+        from zaya_rl.algorithms import POLICY_LOSSES, aggregate, kl_penalty, tis_weights
 
         if not 1 <= minibatches <= len(batch):
             raise ValueError(f"minibatches must be in 1..{len(batch)}, got {minibatches}")
         for seq in batch:
             if seq.old_logprobs is None or len(seq.old_logprobs) != len(seq.completion_ids):
                 raise ValueError("rl_step needs old_logprobs with one value per completion token")
-        losses, clip_fractions, grad_norms, aux_losses = [], [], [], []
+        shards = _split(batch, minibatches)
+        parts = [collate(shard, self.pad_id, self.device) for shard in shards]
+        engine_logprobs = [  # μ, padded like the completion tokens
+            torch.tensor([s.old_logprobs + [0.0] * (t.mask.shape[1] - len(s.old_logprobs)) for s in shard],
+                         dtype=torch.float32, device=self.device)
+            for shard, t in zip(shards, parts)
+        ]
+        use_tis = algorithm.tis_cap is not None and algorithm.loss != "dppo_tv"
+        if use_tis:  # all before the first update: that is the old policy
+            learner_logprobs = [self._logprobs(t, temperature) for t in parts]
+        loss_fn = POLICY_LOSSES[algorithm.loss]
+        stats: dict[str, list[float]] = {"loss": [], "clip_fraction": [], "grad_norm": [], "router_aux_loss": []}
         routed = torch.zeros(self.engine.module.config.num_hidden_layers, self.num_experts)
         routed_tokens, mismatch = 0.0, 0.0
-        for index, part in enumerate(_split(batch, minibatches)):
-            t = collate(part, self.pad_id, self.device)
-            old = torch.tensor([s.old_logprobs + [0.0] * (t.mask.shape[1] - len(s.old_logprobs))
-                                for s in part], dtype=torch.float32, device=self.device)
+        for index, (t, engine) in enumerate(zip(parts, engine_logprobs)):
             out = self.engine(input_ids=t.input_ids, attention_mask=t.attention_mask,
-                              output_router_logits=True)
+                              output_router_logits=True, use_cache=False)
             logprobs = completion_logprobs(out.logits, t, temperature)
             if index == 0:  # before any update: how far the engine is from the learner
-                mismatch = float(((logprobs.detach() - old).abs() * t.mask).sum() / t.mask.sum())
-            loss, info = ppo_clip_loss(logprobs, old, t.advantages, t.mask, clip_low, clip_high)
-            grad_norms.append(self._backward_and_step(loss, lr))
-            losses.append(float(loss.detach()))
-            clip_fractions.append(info["clip_fraction"])
-            aux_losses.append(float(out.aux_loss.detach()))
+                mismatch = float(((logprobs.detach() - engine).abs() * t.mask).sum() / t.mask.sum())
+            old = learner_logprobs[index] if use_tis else engine
+            token_loss, info = loss_fn(logprobs, old, t.advantages, t.mask, algorithm)
+            if use_tis:
+                weights = tis_weights(old, engine, algorithm.tis_cap)
+                token_loss = token_loss * weights
+                stats.setdefault("tis_weight", []).append(float((weights * t.mask).sum() / t.mask.sum()))
+            loss = aggregate(token_loss, t.mask, algorithm.loss_aggregation, algorithm.loss_constant)
+            if algorithm.kl_coef > 0:
+                kl_tokens = kl_penalty(logprobs, self._reference_logprobs(t, temperature), algorithm.kl_estimator)
+                kl = aggregate(kl_tokens, t.mask, algorithm.loss_aggregation, algorithm.loss_constant)
+                loss = loss + algorithm.kl_coef * kl
+                stats.setdefault("kl", []).append(float(kl.detach()))
+            if algorithm.loss_aggregation == "token_mean":
+                loss = loss * self._token_share(t.mask)
+            stats["grad_norm"].append(self._backward_and_step(loss, lr))
+            stats["loss"].append(float(loss.detach()))
+            stats["clip_fraction"].append(info["clip_fraction"])
+            stats["router_aux_loss"].append(float(out.aux_loss.detach()))
             routed = routed + self._routed_counts(out.router_logits, t.attention_mask)
             routed_tokens += float(t.attention_mask.sum())
         return {
-            "loss": _mean(losses),
-            "clip_fraction": _mean(clip_fractions),
-            "grad_norm": _mean(grad_norms),
+            **{key: _mean(values) for key, values in stats.items()},
             "tokens": int(sum(len(s.completion_ids) for s in batch)),
             "mean_abs_logprob_diff": mismatch,
             "expert_load": (routed / routed_tokens).tolist(),
-            "router_aux_loss": _mean(aux_losses),
         }
 
-    @torch.no_grad()
     def logprobs(self, batch: list[Sequence], temperature: float = 1.0) -> list[list[float]]:
         """Per-token log-probs of each completion under the current weights."""
-        t = collate(batch, self.pad_id, self.device)
-        logits = self.engine(input_ids=t.input_ids, attention_mask=t.attention_mask).logits
-        rows = completion_logprobs(logits, t, temperature).cpu().tolist()
+        rows = self._logprobs(collate(batch, self.pad_id, self.device), temperature).cpu().tolist()
         return [row[:len(s.completion_ids)] for row, s in zip(rows, batch)]
 
     # --- weights out ----------------------------------------------------------------------
@@ -225,11 +258,9 @@ class Learner:
         shutil.rmtree(tmp, ignore_errors=True)
         # Copies, not the live parameters: ZeRO makes them views into one flat buffer.
         self.engine.module.save_pretrained(tmp, state_dict=self.state_dict())
-        for name in os.listdir(self.model_path):
-            source = os.path.join(self.model_path, name)
-            if (os.path.isfile(source) and not name.endswith(WEIGHT_SUFFIXES)
-                    and not os.path.exists(os.path.join(tmp, name))):
-                shutil.copy2(source, tmp)
+        for name, data in self.side_files.items():
+            if not os.path.exists(os.path.join(tmp, name)):
+                Path(tmp, name).write_bytes(data)
         if os.path.exists(path):  # a directory cannot be os.replace'd onto a non-empty one
             old = path + ".old"
             shutil.rmtree(old, ignore_errors=True)
@@ -238,6 +269,16 @@ class Learner:
             shutil.rmtree(old)
         else:
             os.replace(tmp, path)
+
+    def save_state(self, path: str) -> None:
+        """DeepSpeed's checkpoint of this rank: weights, optimizer state and step counters."""
+        self.engine.save_checkpoint(path, tag="state", save_latest=False)
+
+    def load_state(self, path: str) -> None:
+        _, client_state = self.engine.load_checkpoint(path, tag="state", load_optimizer_states=True,
+                                                      load_lr_scheduler_states=False)
+        if client_state is None:
+            raise FileNotFoundError(f"no DeepSpeed state under {path}")
 
     # --- internals ------------------------------------------------------------------------
 
@@ -254,12 +295,33 @@ class Learner:
             grad_norm = float(self.engine.get_global_grad_norm())
         return grad_norm
 
-    def _sum_over_ranks(self, value: float) -> float:
+    @torch.no_grad()
+    def _logprobs(self, t: _Tensors, temperature: float) -> torch.Tensor:
+        logits = self.engine(input_ids=t.input_ids, attention_mask=t.attention_mask, use_cache=False).logits
+        return completion_logprobs(logits, t, temperature)
+
+    @torch.no_grad()
+    def _reference_logprobs(self, t: _Tensors, temperature: float) -> torch.Tensor:
+        """Log-probs under the frozen reference, a copy of the current policy made on first use."""
+        from transformers import AutoModelForCausalLM
+
+        if self.reference is None:  # from memory: the source checkpoint may have been pruned
+            self.reference = prepare_policy(AutoModelForCausalLM.from_config(self.engine.module.config))
+            self.reference.load_state_dict(self.engine.module.state_dict())
+            self.reference.to(self.device).requires_grad_(False)
+        logits = self.reference(input_ids=t.input_ids, attention_mask=t.attention_mask, use_cache=False).logits
+        return completion_logprobs(logits, t, temperature)
+
+    def _token_share(self, mask: torch.Tensor) -> float:
+        """This rank's tokens times world_size over all ranks' tokens: scaling a token mean by
+        it makes the gradient DeepSpeed averages over ranks that of the mean over all tokens.
+        """
+        tokens = float(mask.sum())
         if self.world_size == 1:
-            return value
-        total = torch.tensor([value], dtype=torch.float64, device=self.device)
+            return 1.0
+        total = torch.tensor([tokens], dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(total)
-        return float(total)
+        return tokens * self.world_size / float(total)
 
     def _routed_counts(self, router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor):
         """(layers, experts) counts of non-pad tokens that picked each expert in their top-k."""
@@ -296,9 +358,9 @@ class LearnerWorker:
     def sft_step(self, batch: list[Sequence], lr: float) -> dict:
         return self.learner.sft_step(batch, lr)
 
-    def rl_step(self, batch: list[Sequence], lr: float, clip_low: float, clip_high: float,
+    def rl_step(self, batch: list[Sequence], lr: float, algorithm: AlgorithmConfig,
                 minibatches: int = 1, temperature: float = 1.0) -> dict:
-        return self.learner.rl_step(batch, lr, clip_low, clip_high, minibatches, temperature)
+        return self.learner.rl_step(batch, lr, algorithm, minibatches, temperature)
 
     def logprobs(self, batch: list[Sequence], temperature: float = 1.0) -> list[list[float]]:
         return self.learner.logprobs(batch, temperature)
@@ -308,6 +370,12 @@ class LearnerWorker:
 
     def save(self, path: str) -> None:
         self.learner.save(path)
+
+    def save_state(self, path: str) -> None:
+        self.learner.save_state(path)
+
+    def load_state(self, path: str) -> None:
+        self.learner.load_state(path)
 
 
 class LearnerGroup:
@@ -332,10 +400,10 @@ class LearnerGroup:
         shards = self._shards(batch)
         return _merge(ray.get([w.sft_step.remote(s, lr) for w, s in zip(self.workers, shards)]))
 
-    def rl_step(self, batch: list[Sequence], lr: float, clip_low: float, clip_high: float,
+    def rl_step(self, batch: list[Sequence], lr: float, algorithm: AlgorithmConfig,
                 minibatches: int = 1, temperature: float = 1.0) -> dict:
         shards = self._shards(batch)
-        return _merge(ray.get([w.rl_step.remote(s, lr, clip_low, clip_high, minibatches, temperature)
+        return _merge(ray.get([w.rl_step.remote(s, lr, algorithm, minibatches, temperature)
                                for w, s in zip(self.workers, shards)]))
 
     def logprobs(self, batch: list[Sequence], temperature: float = 1.0) -> list[list[float]]:
@@ -350,6 +418,13 @@ class LearnerGroup:
 
     def save(self, path: str) -> None:
         ray.get(self.workers[0].save.remote(str(path)))
+
+    def save_state(self, path: str) -> None:
+        """Every rank writes its own optimizer partition (one shared directory, one node)."""
+        ray.get([w.save_state.remote(str(path)) for w in self.workers])
+
+    def load_state(self, path: str) -> None:
+        ray.get([w.load_state.remote(str(path)) for w in self.workers])
 
     def shutdown(self) -> None:
         for worker in self.workers:
@@ -369,7 +444,7 @@ def _merge(stats: list[dict]) -> dict:
     mean is the full-batch loss); the other means weigh every rank equally.
     """
     out = dict(stats[0])
-    for key in ("loss", "clip_fraction", "mean_abs_logprob_diff", "router_aux_loss"):
+    for key in ("loss", "clip_fraction", "mean_abs_logprob_diff", "router_aux_loss", "tis_weight", "kl"):
         if key in out:
             out[key] = _mean([s[key] for s in stats])
     out["tokens"] = sum(s["tokens"] for s in stats)

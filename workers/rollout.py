@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import ray
 import torch
 
+from zaya_rl.rsa import RsaConfig, RsaResult, run_rsa
+
 
 @dataclass
 class Completion:
@@ -144,6 +146,16 @@ class Rollout:
         self.engine.load_weights(state_dict)
         self.weights_version = version
         return version
+
+    def version(self) -> int:
+        """The weights version last loaded; 0 after a (re)start, which loads the initial model."""
+        return self.weights_version
+
+    def rsa(self, questions: list[str], cfg: RsaConfig) -> RsaResult:
+        """Markovian RSA (zaya_rl/rsa.py) on this engine: each round is one engine call for all
+        questions, so the engine batches every problem's population together."""
+        return run_rsa(lambda prompts, n: self.generate(prompts, n, cfg.temperature, cfg.budget),
+                       self.engine.tokenizer, questions, cfg)
 
 
 @ray.remote(num_cpus=0, max_restarts=3, max_task_retries=2)

@@ -1,4 +1,5 @@
-"""Command line: `zaya-rl run | validate | show RECIPE`.
+"""Command line: `zaya-rl run [--resume | --stage NAME --from CKPT] | validate | show RECIPE`,
+and `zaya-rl eval` (test-time compute, zaya_rl/evaluate.py).
 
 A recipe that cannot be run is reported (file, field, line) with exit code 2 before
 anything starts.
@@ -7,6 +8,7 @@ anything starts.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -19,9 +21,17 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="run a recipe (starts a local Ray unless RAY_ADDRESS is set)")
     run.add_argument("recipe")
     run.add_argument("--run-dir", type=Path, help="overrides the recipe's run_dir")
+    run.add_argument("--resume", action="store_true",
+                     help="continue from the run directory's newest complete checkpoint")
+    run.add_argument("--stage", help="start at this stage (skipping the ones before it)")
+    run.add_argument("--from", dest="init_from", type=Path,
+                     help="with --stage: the HF checkpoint to start from (default: the recipe's model)")
     sub.add_parser("validate", help="check a recipe and exit").add_argument("recipe")
     sub.add_parser("show", help="print the fully resolved recipe").add_argument("recipe")
+    add_eval_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "eval":
+        return eval_command(args)
 
     try:
         recipe = load_recipe(args.recipe)
@@ -35,14 +45,88 @@ def main(argv: list[str] | None = None) -> int:
         print(dump_recipe(recipe), end="")
         return 0
 
+    names = [stage.name for stage in recipe.stages]
+    if args.stage is not None and args.stage not in names:
+        print(f"zaya-rl: --stage {args.stage!r} is not a stage of {args.recipe} (stages: {names})", file=sys.stderr)
+        return 2
+    if args.init_from is not None and not (args.init_from / "config.json").is_file():
+        print(f"zaya-rl: --from {args.init_from}: not a checkpoint directory (no config.json)", file=sys.stderr)
+        return 2
+    if args.resume and (args.stage or args.init_from):
+        print("zaya-rl: --resume takes the position from the checkpoint; drop --stage/--from", file=sys.stderr)
+        return 2
+
     from zaya_rl.controller import Controller
 
-    controller = Controller(recipe, args.run_dir)
+    controller = Controller(recipe, args.run_dir, resume=args.resume, start_stage=args.stage,
+                            init_from=args.init_from)
     try:
         summary = controller.run()
     finally:
         controller.shutdown()
     print_summary(summary)
+    return 0
+
+
+def add_eval_parser(sub) -> None:
+    ev = sub.add_parser("eval", help="evaluate a checkpoint: Markovian RSA vs sampling and majority vote")
+    ev.add_argument("--checkpoint", type=Path, help="checkpoint directory (with --recipe: default RUN_DIR/final)")
+    ev.add_argument("--recipe", help="take the held-out set, temperature, budget and seed from this recipe")
+    ev.add_argument("--population", type=int, default=8, help="N: samples per problem")
+    ev.add_argument("--tails", type=int, default=4, help="C: candidate tails per aggregation prompt")
+    ev.add_argument("--rounds", type=int, default=2, help="T: aggregation rounds")
+    ev.add_argument("--budget", type=int, help="beta: max new tokens per rollout (default: eval.max_tokens or 64)")
+    ev.add_argument("--tail-tokens", type=int, help="tau: tokens carried per candidate (default: budget // 2)")
+    ev.add_argument("--temperature", type=float, help="default: recipe eval.temperature or 1.0")
+    ev.add_argument("--hybrid", action="store_true", help="finished candidates pass their final-answer section")
+    ev.add_argument("--continuation", action="store_true", help="Delethink chunking (needs --tails 1)")
+    ev.add_argument("--num-problems", type=int, help="default: recipe eval.num_problems or 100")
+    ev.add_argument("--levels", type=int, nargs="+", help="held-out levels (default: recipe eval.levels or 1)")
+    ev.add_argument("--seed", type=int, help="default: the recipe's seed or 0")
+    ev.add_argument("--threads", type=int, default=2, help="torch threads of the engine")
+    ev.add_argument("--out", type=Path, help="write the report here as JSON")
+
+
+def eval_command(args) -> int:
+    """`zaya-rl eval`: settings from the command line, then the recipe, then defaults."""
+    from zaya_rl.evaluate import check_context, format_report, run_eval
+    from zaya_rl.recipe import EvalConfig
+    from zaya_rl.rsa import RsaConfig
+    from zaya_rl.tasks import held_out
+
+    recipe = None
+    if args.recipe:
+        try:
+            recipe = load_recipe(args.recipe)
+        except RecipeError as err:
+            print(f"zaya-rl: invalid recipe\n{err}", file=sys.stderr)
+            return 2
+    checkpoint = args.checkpoint or (recipe.run_dir / "final" if recipe else None)
+    if checkpoint is None or not (checkpoint / "config.json").is_file():
+        print(f"zaya-rl: no checkpoint at {checkpoint} (give --checkpoint DIR)", file=sys.stderr)
+        return 2
+
+    # The recipe's eval settings (or the plain defaults) fill what the command line leaves out.
+    base = recipe.eval if recipe else EvalConfig(num_problems=100, levels=[1])
+    budget = args.budget if args.budget is not None else base.max_tokens
+    seed = args.seed if args.seed is not None else recipe.seed if recipe else 0
+    try:
+        cfg = RsaConfig(population=args.population, tails=args.tails, rounds=args.rounds, budget=budget,
+                        tail_tokens=args.tail_tokens or max(budget // 2, 1),
+                        temperature=args.temperature if args.temperature is not None else base.temperature,
+                        seed=seed, hybrid=args.hybrid, continuation=args.continuation)
+        tasks = held_out(recipe.tasks.generator if recipe else "chain_sum", args.levels or base.levels,
+                         args.num_problems or base.num_problems)
+        max_model_len = check_context(checkpoint, tasks, cfg)
+    except ValueError as err:
+        print(f"zaya-rl: {err}", file=sys.stderr)
+        return 2
+    report = run_eval(checkpoint, tasks, cfg, max_model_len, seed=seed, torch_threads=args.threads)
+    print(format_report(report))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.out}")
     return 0
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import time
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import ray
@@ -19,7 +21,7 @@ import torch
 from workers.learner import LearnerGroup, Sequence
 from workers.rollout import Completion, RolloutWorker
 from workers.verifier import VerifierPool
-from zaya_rl import algorithms
+from zaya_rl import algorithms, checkpoint, rsa
 from zaya_rl.curriculum import AdaptiveCurriculum
 from zaya_rl.metrics import MetricsSink
 from zaya_rl.models import build_checkpoint, load_tokenizer
@@ -76,33 +78,50 @@ def accuracy_with_interval(correct: list[bool]) -> dict:
     return {"accuracy": p, "ci95": [centre - half, centre + half], "n": n}
 
 
+@dataclass
+class Position:
+    """Where a run is: the next step of the current stage, and what that stage has spent."""
+
+    stage_index: int = 0
+    step: int = 0
+    global_step: int = 0
+    stage_seconds: float = 0.0
+    stage_times: dict = field(default_factory=dict)
+    generated_tokens: int = 0
+
+
 class Controller:
-    def __init__(self, recipe: Recipe, run_dir: Path | None = None):
+    def __init__(self, recipe: Recipe, run_dir: Path | None = None, resume: bool = False,
+                 start_stage: str | None = None, init_from: Path | None = None):
+        """`resume`: continue from the run's newest complete checkpoint (if any). `start_stage`
+        with `init_from`: skip the stages before it and start from that HF checkpoint."""
         self.recipe = recipe
         self.run_dir = Path(run_dir or recipe.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "recipe.resolved.yaml").write_text(dump_recipe(recipe))
         init_ray()
-        self.model_path = self._prepare_model()
-        self.tokenizer = load_tokenizer(self.model_path)
+        self.position = Position()
+        self.summary: dict = {"recipe": recipe.name, "seed": recipe.seed, "stages": {}, "recoveries": []}
+        self.metrics = MetricsSink(self.run_dir, recipe.metrics, recipe.name, recipe.model_dump(mode="json"))
         self.eval_tasks = held_out(recipe.tasks.generator, recipe.eval.levels, recipe.eval.num_problems)
         self.stream = TaskStream(recipe.tasks.generator, recipe.seed,
                                  exclude=frozenset(t.prompt for t in self.eval_tasks))
-        res = recipe.resources
-        # Ray sets OMP_NUM_THREADS=1 in its workers; vLLM sizes its CPU thread pool from it.
-        threads = {"env_vars": {"OMP_NUM_THREADS": str(res.torch_threads)}}
-        self.rollouts = [
-            RolloutWorker.options(name=f"rollout-{i}", runtime_env=threads).remote(
-                res.rollout_engine, str(self.model_path), seed=recipe.seed + i,
-                max_model_len=recipe.model.tiny.max_position_embeddings, torch_threads=res.torch_threads)
-            for i in range(res.num_rollout_workers)
-        ]
-        self.learners = LearnerGroup(res.num_learner_workers, str(self.model_path), recipe.deepspeed,
-                                     torch_threads=res.torch_threads, seed=recipe.seed)
-        self.verifiers = VerifierPool(res.num_verifiers)
-        self.metrics = MetricsSink(self.run_dir, recipe.metrics, recipe.name, recipe.model_dump(mode="json"))
-        self.weights_version = 0
-        self.summary: dict = {"recipe": recipe.name, "seed": recipe.seed, "stages": {}}
+        self.curriculum_state: dict | None = None
+        self.recent_rollouts: deque[tuple[Task, list[Completion]]] = deque(maxlen=256)
+        self.rng = random.Random(recipe.seed)
+        resumed = checkpoint.latest(self.run_dir) if resume else None
+        if resumed is not None:
+            self.model_path = self._restore(resumed)
+            print(f"zaya-rl: resuming from {resumed} (stage {self.position.stage_index}, step {self.position.step})")
+        else:
+            if resume:
+                print(f"zaya-rl: no complete checkpoint under {checkpoint.checkpoint_dir(self.run_dir)}; starting anew")
+            self.metrics.rewind(0)
+            self.model_path = Path(init_from) if init_from else self._prepare_model()
+            if start_stage is not None:
+                self.position.stage_index = [s.name for s in recipe.stages].index(start_stage)
+        self.tokenizer = load_tokenizer(self.model_path)
+        self._start_workers(self.model_path, resumed)
 
     def _prepare_model(self) -> Path:
         if self.recipe.model.path is not None:
@@ -112,12 +131,100 @@ class Controller:
                   for t in corpus_stream.take(level, 500)]
         return build_checkpoint(self.recipe.model.tiny, corpus, self.run_dir / "initial", self.recipe.seed)
 
+    def _start_workers(self, model_path: Path, resumed: Path | None) -> None:
+        self.rollouts = [self._start_rollout(i, model_path) for i in range(self.recipe.resources.num_rollout_workers)]
+        self._start_learners(model_path, resumed)
+        self.verifiers = VerifierPool(self.recipe.resources.num_verifiers)
+        self.weights_version = 0
+
+    def _start_rollout(self, index: int, model_path: Path):
+        res = self.recipe.resources
+        # Ray sets OMP_NUM_THREADS=1 in its workers; vLLM sizes its CPU thread pool from it.
+        threads = {"env_vars": {"OMP_NUM_THREADS": str(res.torch_threads)}}
+        return RolloutWorker.options(name=f"rollout-{index}", runtime_env=threads).remote(
+            res.rollout_engine, str(model_path), seed=self.recipe.seed + index,
+            max_model_len=self.recipe.model.tiny.max_position_embeddings, torch_threads=res.torch_threads)
+
+    def _start_learners(self, model_path: Path, resumed: Path | None) -> None:
+        res = self.recipe.resources
+        self.learners = LearnerGroup(res.num_learner_workers, str(model_path), self.recipe.deepspeed,
+                                     torch_threads=res.torch_threads, seed=self.recipe.seed)
+        if resumed is not None:
+            self.learners.load_state(str(resumed / "optimizer"))
+
+    # ---- checkpoints ------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        state = {
+            "position": asdict(self.position), "stream": self.stream.state()["position"],
+            "curriculum": self.curriculum_state, "summary": self.summary,
+            "metrics_records": self.metrics.num_records,
+            "random": {"python": self.rng.getstate(), "torch": torch.get_rng_state().tolist()},
+        }
+
+        def fill(tmp: Path) -> None:
+            self.learners.save(str(tmp / "model"))
+            self.learners.save_state(str(tmp / "optimizer"))
+            (tmp / "state.json").write_text(json.dumps(state, indent=1))
+
+        return checkpoint.write(self.run_dir, self.position.global_step, fill, self.recipe.checkpoint.keep_last)
+
+    def _restore(self, path: Path) -> Path:
+        """Load the controller's state from a checkpoint; returns its model directory."""
+        state = json.loads((path / "state.json").read_text())
+        self.position = Position(**state["position"])
+        self.stream.position = {int(k): v for k, v in state["stream"].items()}
+        self.curriculum_state = state["curriculum"]
+        self.summary = state["summary"]
+        self.metrics.rewind(state["metrics_records"])
+        py_state = state["random"]["python"]
+        self.rng.setstate((py_state[0], tuple(py_state[1]), py_state[2]))
+        torch.set_rng_state(torch.tensor(state["random"]["torch"], dtype=torch.uint8))
+        return path / "model"
+
+    def _recover(self, error: Exception) -> None:
+        """An actor Ray could not replace died (a learner, or a rollout worker out of restarts):
+        restart the learners from the newest checkpoint, replace dead rollout workers, push
+        the restored weights to every engine and continue from the checkpoint's position."""
+        start = time.perf_counter()
+        self.learners.shutdown()
+        resumed = checkpoint.latest(self.run_dir)
+        recoveries = self.summary["recoveries"]
+        if resumed is None:
+            self.position, self.curriculum_state, self.stream.position = Position(), None, {}
+            self.summary = {**self.summary, "stages": {}}
+            self.metrics.rewind(0)
+            model_path = self.model_path
+        else:
+            model_path = self._restore(resumed)
+        self.summary["recoveries"] = recoveries
+        self._start_learners(model_path, resumed)
+        for index, worker in enumerate(self.rollouts):
+            try:
+                ray.get(worker.version.remote())
+            except ray.exceptions.RayActorError:
+                self.rollouts[index] = self._start_rollout(index, model_path)
+        self.sync_weights()
+        event = {"error": f"{type(error).__name__}: {str(error)[:300]}", "checkpoint": str(resumed),
+                 "resumed_at_global_step": self.position.global_step,
+                 "recovery_seconds": time.perf_counter() - start}
+        recoveries.append(event)
+        self.metrics.log("_recovery", self.position.global_step, event)
+        print(f"zaya-rl: recovered from {event['error'][:120]} in {event['recovery_seconds']:.1f} s")
+
     # ---- the stages -------------------------------------------------------------------
 
     def run(self) -> dict:
         start = time.perf_counter()
-        for stage in self.recipe.stages:
-            self.run_stage(stage)
+        while True:
+            try:
+                while self.position.stage_index < len(self.recipe.stages):
+                    self.run_stage(self.recipe.stages[self.position.stage_index])
+                break
+            except ray.exceptions.RayActorError as error:
+                if len(self.summary["recoveries"]) >= self.recipe.checkpoint.max_recoveries:
+                    raise
+                self._recover(error)
         final = self.run_dir / "final"
         self.learners.save(str(final))
         self.summary["final_checkpoint"] = str(final)
@@ -127,26 +234,41 @@ class Controller:
         return self.summary
 
     def run_stage(self, stage: SftStage | RlStage) -> None:
+        """Run (or continue) the current stage from `self.position`, then evaluate and checkpoint."""
         from rich.progress import Progress
 
-        times = StageTimes()
+        pos = self.position
+        times = StageTimes(dict(pos.stage_times), pos.generated_tokens)
         curriculum = None
         if isinstance(stage, RlStage):
             curriculum = AdaptiveCurriculum(stage.curriculum, self.stream, self.recipe.tasks.max_level)
-        start = time.perf_counter()
+            if self.curriculum_state is not None:
+                curriculum.restore(self.curriculum_state)
+        if pos.step > 0:  # continuing a stage from a checkpoint: record what was restored
+            self.metrics.log("_resume", pos.step, {
+                "position": asdict(pos), "stream": {str(k): v for k, v in self.stream.position.items()},
+                "curriculum": curriculum.state() if curriculum else None})
+        start = time.perf_counter() - pos.stage_seconds
         with Progress(transient=False) as progress:
-            bar = progress.add_task(f"{stage.kind} {stage.name}", total=stage.steps)
-            for step in range(stage.steps):
+            bar = progress.add_task(f"{stage.kind} {stage.name}", total=stage.steps, completed=pos.step)
+            while pos.step < stage.steps:
                 if stage.max_seconds and time.perf_counter() - start > stage.max_seconds:
                     break
                 if isinstance(stage, SftStage):
-                    stats = self.sft_step(stage, step, times)
+                    stats = self.sft_step(stage, pos.step, times)
                 else:
-                    stats = self.rl_step(stage, step, curriculum, times)
-                self.metrics.log(stage.name, step, stats)
+                    stats = self.rl_step(stage, pos.step, curriculum, times)
+                self.metrics.log(stage.name, pos.step, stats)
                 progress.update(bar, advance=1, description=f"{stage.kind} {stage.name} {_brief(stats)}")
+                pos.step += 1
+                pos.global_step += 1
+                if pos.global_step % self.recipe.checkpoint.every_steps == 0:
+                    pos.stage_seconds = time.perf_counter() - start
+                    pos.stage_times, pos.generated_tokens = dict(times.seconds), times.generated_tokens
+                    self.curriculum_state = curriculum.state() if curriculum else None
+                    self.save_checkpoint()
         wall = time.perf_counter() - start
-        result = {"kind": stage.kind, "steps": step + 1, "train_seconds": wall, "phase_seconds": times.seconds}
+        result = {"kind": stage.kind, "steps": pos.step, "train_seconds": wall, "phase_seconds": times.seconds}
         if times.generated_tokens:
             result["train_generated_tokens_per_second"] = times.generated_tokens / times.seconds["generate"]
         if curriculum is not None:
@@ -158,7 +280,10 @@ class Controller:
         result["checkpoint"] = str(self.run_dir / "stages" / stage.name)
         self.learners.save(result["checkpoint"])
         self.summary["stages"][stage.name] = result
-        self.metrics.log(stage.name, step + 1, {k: v for k, v in result.items() if isinstance(v, float)})
+        self.metrics.log(stage.name, pos.step, {k: v for k, v in result.items() if isinstance(v, float)})
+        self.position = Position(stage_index=pos.stage_index + 1, global_step=pos.global_step)
+        self.curriculum_state = None
+        self.save_checkpoint()
 
     def sft_step(self, stage: SftStage, step: int, times: StageTimes) -> dict:
         level_tasks = [self.stream.take(stage.levels[i % len(stage.levels)], 1)[0]
@@ -171,48 +296,112 @@ class Controller:
 
     def rl_step(self, stage: RlStage, step: int, curriculum: AdaptiveCurriculum, times: StageTimes) -> dict:
         """One RL step: generate -> verify -> advantages -> update -> weight sync."""
-        tasks = curriculum.next_batch(stage.prompts_per_step)
-        with Timer(times, "generate"):
-            groups = self.generate([t.prompt for t in tasks], stage.group_size, stage.temperature,
-                                   stage.max_tokens)
-        flat = [c for group in groups for c in group]
-        times.generated_tokens += sum(len(c.token_ids) for c in flat)
-        with Timer(times, "verify"):
-            verdicts = self.verifiers.score([c.text for c in flat],
-                                            [t.answer for t in tasks for _ in range(stage.group_size)])
-        rewards = torch.tensor([float(v.correct) for v in verdicts]).view(len(tasks), stage.group_size)
-        curriculum.observe(tasks, rewards.mean(dim=1).tolist())
-
-        advantages = algorithms.group_advantages(rewards, stage.algorithm.advantage)
-        keep = ~algorithms.uniform_groups(rewards) if stage.algorithm.drop_uniform_groups else torch.ones(len(tasks), dtype=torch.bool)
+        cfg = stage.algorithm
+        groups, rewards, seen = self.sample_groups(stage, curriculum, times)
+        advantages = algorithms.group_advantages(rewards, cfg.advantage)
         batch = [
             Sequence(c.prompt_ids, c.token_ids, advantage=float(advantages[g, i]), old_logprobs=c.logprobs)
-            for g, group in enumerate(groups) if keep[g] for i, c in enumerate(group)
+            for g, group in enumerate(groups) for i, c in enumerate(group)
+            if cfg.overlong != "filter" or c.finished
         ]
         batch = batch[: len(batch) - len(batch) % self.learners.num_workers]
         stats: dict = {}
-        if batch:
+        if len(batch) >= stage.minibatches * self.learners.num_workers:
             with Timer(times, "train"):
-                stats = self.learners.rl_step(batch, lr=lr_at(stage, step), clip_low=stage.algorithm.clip_low,
-                                              clip_high=stage.algorithm.clip_high, temperature=stage.temperature)
+                stats = self.learners.rl_step(batch, lr=lr_at(stage, step), algorithm=cfg,
+                                              minibatches=stage.minibatches, temperature=stage.temperature)
             with Timer(times, "sync"):
                 self.sync_weights()
         return {
-            "reward": rewards.mean().item(), "level": curriculum.level, "pass_rate": curriculum.pass_rate(),
-            "kept_groups": int(keep.sum()), "response_tokens": sum(len(c.token_ids) for c in flat) / len(flat),
+            "reward": seen["correct"], "level": curriculum.level, "pass_rate": curriculum.pass_rate(),
+            "kept_groups": len(groups), "sampled_groups": seen["groups"], "response_tokens": seen["tokens"],
+            "aggregation_prompts": seen["aggregated"],
             "lr": lr_at(stage, step), **{k: v for k, v in stats.items() if isinstance(v, float | int)},
         }
+
+    def sample_groups(self, stage: RlStage, curriculum: AdaptiveCurriculum, times: StageTimes):
+        """Generate and score groups of samples. With dynamic sampling (DAPO) only groups whose
+        rewards differ are kept, and new prompts are drawn, up to `max_sampling_rounds` rounds,
+        until `prompts_per_step` groups are kept. Returns the kept groups, their (shaped)
+        rewards (groups, group_size), and what was seen: mean correctness, groups, mean length, aggregation prompts.
+        """
+        cfg = stage.algorithm
+        kept_groups: list[list[Completion]] = []
+        kept_rewards: list[torch.Tensor] = []
+        correct_sum, num_samples, num_tokens, num_aggregated = 0.0, 0, 0, 0
+        for _ in range(cfg.max_sampling_rounds):
+            need = stage.prompts_per_step - len(kept_groups)
+            aggregated = self.aggregation_tasks(stage, round(stage.aggregation_share * need))
+            plain = curriculum.next_batch(need - len(aggregated))
+            tasks = plain + aggregated
+            num_aggregated += len(aggregated)
+            with Timer(times, "generate"):
+                groups = self.generate([t.prompt for t in tasks], stage.group_size, stage.temperature,
+                                       stage.max_tokens)
+            flat = [c for group in groups for c in group]
+            with Timer(times, "verify"):
+                verdicts = self.verifiers.score([c.text for c in flat],
+                                                [t.answer for t in tasks for _ in range(stage.group_size)])
+            correct = torch.tensor([float(v.correct) for v in verdicts]).view(len(tasks), stage.group_size)
+            # The curriculum sees plain prompts' correctness, before shaping.
+            curriculum.observe(plain, correct[:len(plain)].mean(dim=1).tolist())
+            self.recent_rollouts.extend(zip(plain, groups[:len(plain)]))
+            correct_sum, num_samples = correct_sum + float(correct.sum()), num_samples + len(flat)
+            num_tokens += sum(len(c.token_ids) for c in flat)
+            rewards = self.shape_rewards(correct, flat, stage)
+            keep = (algorithms.select_groups(rewards, len(tasks)).tolist() if cfg.drop_uniform_groups
+                    else list(range(len(tasks))))
+            kept_groups += [groups[g] for g in keep]
+            kept_rewards += [rewards[g] for g in keep]
+            if len(kept_groups) == stage.prompts_per_step:
+                break
+        times.generated_tokens += num_tokens
+        rewards = torch.stack(kept_rewards) if kept_rewards else torch.zeros(0, stage.group_size)
+        seen = {"correct": correct_sum / num_samples, "groups": num_samples // stage.group_size,
+                "tokens": num_tokens / num_samples, "aggregated": num_aggregated}
+        return kept_groups, rewards, seen
+
+    def aggregation_tasks(self, stage: RlStage, count: int) -> list[Task]:
+        """Self-aggregation (METHODS.md §3): the same task, prompted with C tails of the policy's
+        own recent samples of it; the newest rollouts are used first, each task once."""
+        tasks = []
+        while len(tasks) < count and self.recent_rollouts:
+            task, group = self.recent_rollouts.pop()
+            [prompt] = rsa.aggregation_prompts(task.prompt, group, 1, stage.aggregation_tails,
+                                               stage.aggregation_tail_tokens, self.tokenizer, self.rng)
+            tasks.append(replace(task, uid=task.uid + "/aggregated", prompt=prompt))
+        return tasks
+
+    @staticmethod
+    def shape_rewards(correct: torch.Tensor, flat: list[Completion], stage: RlStage) -> torch.Tensor:
+        """The verifier's 0/1, then the degeneracy canary and the overlong penalty if set."""
+        cfg, rewards = stage.algorithm, correct
+        if cfg.degeneracy_min_compression is not None:
+            rewards = algorithms.degeneracy_canary(rewards, [c.text for c in flat], cfg.degeneracy_min_compression)
+        if cfg.overlong == "shape":
+            lengths = torch.tensor([len(c.token_ids) for c in flat]).view_as(rewards)
+            rewards = rewards + algorithms.overlong_penalty(lengths, stage.max_tokens, cfg.overlong_buffer)
+        return rewards
 
     # ---- shared pieces ---------------------------------------------------------------
 
     def generate(self, prompts: list[str], n: int, temperature: float, max_tokens: int,
                  seed: int | None = None) -> list[list[Completion]]:
-        """Fan prompts out over the rollout workers in contiguous chunks; gather in order."""
+        """Fan prompts out over the rollout workers in contiguous chunks; gather in order.
+
+        A worker that Ray restarted mid-call reran it on the initial weights: such a batch is
+        thrown away, the current weights pushed again, and the batch generated anew.
+        """
         workers = self.rollouts
         size = -(-len(prompts) // len(workers))
-        refs = [w.generate.remote(prompts[i * size:(i + 1) * size], n, temperature, max_tokens, seed)
-                for i, w in enumerate(workers) if prompts[i * size:(i + 1) * size]]
-        return [group for chunk in ray.get(refs) for group in chunk]
+        while True:
+            refs = [w.generate.remote(prompts[i * size:(i + 1) * size], n, temperature, max_tokens, seed)
+                    for i, w in enumerate(workers) if prompts[i * size:(i + 1) * size]]
+            groups = [group for chunk in ray.get(refs) for group in chunk]
+            if all(v == self.weights_version for v in ray.get([w.version.remote() for w in workers])):
+                return groups
+            print("zaya-rl: a rollout worker restarted with stale weights; syncing and generating again")
+            self.sync_weights()
 
     def sync_weights(self) -> None:
         self.weights_version += 1

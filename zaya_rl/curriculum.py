@@ -43,4 +43,9 @@ class AdaptiveCurriculum:
         self.recent.clear()
 
     def state(self) -> dict:
-        return {"level": self.level, "recent": list(self.recent), "stream": self.stream.state()}
+        """Level and recent pass rates; the task stream's position is checkpointed by its owner."""
+        return {"level": self.level, "recent": list(self.recent)}
+
+    def restore(self, state: dict) -> None:
+        self.level = state["level"]
+        self.recent = deque(state["recent"], maxlen=self.cfg.window)

@@ -16,6 +16,7 @@ class MetricsSink:
     def __init__(self, run_dir: Path, cfg: MetricsConfig, run_name: str, config: dict):
         self.path = run_dir / "metrics.jsonl"
         self.file = self.path.open("a")
+        self.num_records = sum(1 for _ in self.path.open()) if self.path.stat().st_size else 0
         self.gauges: dict[str, object] = {}
         self.wandb = None
         if cfg.wandb_project:
@@ -28,10 +29,19 @@ class MetricsSink:
         record = {"time": time.time(), "stage": stage, "step": step, **values}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        self.num_records += 1
         scalars = {k: float(v) for k, v in values.items() if isinstance(v, int | float)}
         self._ray_gauges(stage, scalars)
         if self.wandb is not None:
             self.wandb.log({f"{stage}/{k}": v for k, v in scalars.items()})
+
+    def rewind(self, num_records: int) -> None:
+        """Keep only the first `num_records` records: a resumed run logs its steps once."""
+        self.file.close()
+        kept = self.path.read_text().splitlines(keepends=True)[:num_records]
+        self.path.write_text("".join(kept))
+        self.file = self.path.open("a")
+        self.num_records = len(kept)
 
     def _ray_gauges(self, stage: str, scalars: dict[str, float]) -> None:
         import ray

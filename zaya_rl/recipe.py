@@ -62,11 +62,58 @@ class EvalConfig(StrictModel):
 
 
 class AlgorithmConfig(StrictModel):
+    """How an RL stage turns rewards into an update (METHODS.md §5, zaya_rl/algorithms.py).
+
+    The defaults are ZAYA1's aggregation with GRPO advantages and DAPO's clip bounds.
+    """
+
     advantage: Literal["grpo", "dr_grpo", "rloo", "maxrl"] = "grpo"
-    clip_low: float = Field(0.2, ge=0.0)
-    clip_high: float = Field(0.28, ge=0.0)
+    loss: Literal["ppo_clip", "gspo", "cispo", "dppo_tv"] = Field(
+        "ppo_clip", description="policy loss: PPO-clip, GSPO sequence ratio, CISPO, DPPO binary-TV")
+    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_sum_mean", "seq_sum_constant"] = Field(
+        "seq_sum_mean", description="token losses to one scalar: mean over the batch's tokens; mean over "
+        "sequences of each one's token mean; mean over sequences of each one's token sum (ZAYA1); "
+        "the same divided by loss_constant (Dr. GRPO)")
+    loss_constant: float | None = Field(
+        None, gt=0, description="seq_sum_constant's divisor, e.g. the stage's max_tokens; only with it")
+    clip_low: float = Field(0.2, ge=0.0, description="ppo_clip, gspo: ratio clipped at 1 - clip_low "
+                            "(GSPO's paper: 3e-4)")
+    clip_high: float = Field(0.28, ge=0.0, description="ppo_clip, gspo, cispo: ratio clipped at "
+                             "1 + clip_high (GSPO's paper: 4e-4)")
+    dppo_delta: float = Field(0.1, gt=0.0, le=1.0, description="dppo_tv: mask a token once its probability "
+                              "moved more than this from the engine's in the advantage's direction")
+    tis_cap: float | None = Field(
+        None, ge=1.0, description="cap C of the importance weight against the engine's log-probs: "
+        "ppo_clip, gspo and cispo take the learner's pre-update log-probs as old and weight each token "
+        "by min(π_old/μ, C); dppo_tv's c in min(π/μ, c), required there; null: no correction")
+    kl_coef: float = Field(0.0, ge=0.0, description="weight of KL(π || reference); the reference is the "
+                           "policy at the first RL step that uses it; 0 keeps no reference")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="per-token KL estimator (Schulman)")
     drop_uniform_groups: bool = Field(True, description="skip groups whose rewards are all equal")
-    kl_coef: float = Field(0.0, ge=0.0)
+    max_sampling_rounds: int = Field(1, ge=1, description="dynamic sampling: generate up to this many "
+                                     "rounds of new prompts to refill the dropped groups (1: no refill)")
+    overlong: Literal["none", "filter", "shape"] = Field(
+        "none", description="samples cut at max_tokens: kept as they are; left out of the loss; or "
+        "penalised linearly over the last overlong_buffer tokens (DAPO)")
+    overlong_buffer: int | None = Field(None, ge=1, description="overlong 'shape': the penalty ramps "
+                                        "from 0 to -1 over this many tokens before max_tokens; only with it")
+    degeneracy_min_compression: float | None = Field(
+        None, gt=0.0, lt=1.0, description="reward 0 for output with a chunk whose zlib compression ratio "
+        "is below this (ZAYA1: 0.05); null disables")
+
+    @model_validator(mode="after")
+    def _check(self) -> AlgorithmConfig:
+        if (self.loss_aggregation == "seq_sum_constant") != (self.loss_constant is not None):
+            raise ValueError("loss_constant is required with loss_aggregation 'seq_sum_constant' "
+                             "and not allowed with any other")
+        if (self.overlong == "shape") != (self.overlong_buffer is not None):
+            raise ValueError("overlong_buffer is required with overlong 'shape' and not allowed otherwise")
+        if self.loss == "dppo_tv" and self.tis_cap is None:
+            raise ValueError("loss 'dppo_tv' needs tis_cap: its cap c in min(π/μ, c)")
+        if self.overlong == "shape" and self.advantage == "maxrl":
+            raise ValueError("advantage 'maxrl' divides by the mean reward and needs rewards in [0, 1]; "
+                             "overlong 'shape' makes them negative")
+        return self
 
 
 class CurriculumConfig(StrictModel):
@@ -100,8 +147,24 @@ class RlStage(StageBase):
     group_size: int = Field(8, ge=2)
     temperature: float = Field(1.0, gt=0.0)
     max_tokens: int = Field(64, ge=1)
+    minibatches: int = Field(1, ge=1, description="optimizer steps per generated batch (PPO epochs of one "
+                             "pass); each later minibatch is slightly off-policy, which the clip handles")
+    aggregation_share: float = Field(0.0, ge=0.0, lt=1.0, description="share of each step's prompts that "
+                                     "are round-1 aggregation prompts (Markovian RSA) built from the policy's "
+                                     "own recent rollouts of the same task")
+    aggregation_tails: int = Field(4, ge=1, description="C: candidate tails per aggregation prompt")
+    aggregation_tail_tokens: int = Field(32, ge=1, description="τ: tokens carried from each candidate")
     algorithm: AlgorithmConfig = AlgorithmConfig()
     curriculum: CurriculumConfig = CurriculumConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> RlStage:
+        if self.aggregation_share > 0 and self.aggregation_tails > self.group_size:
+            raise ValueError(f"aggregation_tails ({self.aggregation_tails}) must be <= group_size ({self.group_size})")
+        buffer = self.algorithm.overlong_buffer
+        if buffer is not None and buffer > self.max_tokens:
+            raise ValueError(f"algorithm.overlong_buffer ({buffer}) must be <= max_tokens ({self.max_tokens})")
+        return self
 
 
 Stage = Annotated[SftStage | RlStage, Field(discriminator="kind")]
@@ -121,6 +184,14 @@ class DeepSpeedConfig(StrictModel):
     weight_decay: float = Field(0.0, ge=0)
 
 
+class CheckpointConfig(StrictModel):
+    """Run checkpoints (model, optimizer, curriculum, data position, step counters)."""
+
+    every_steps: int = Field(50, ge=1, description="write one every this many steps of any stage, and at each stage's end")
+    keep_last: int = Field(2, ge=1, description="older complete checkpoints are deleted")
+    max_recoveries: int = Field(2, ge=0, description="times a run restores its last checkpoint by itself after an actor it cannot replace died")
+
+
 class MetricsConfig(StrictModel):
     wandb_project: str | None = None
     wandb_mode: Literal["online", "offline"] = "offline"
@@ -136,6 +207,7 @@ class Recipe(StrictModel):
     resources: ResourcesConfig = ResourcesConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     metrics: MetricsConfig = MetricsConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
     stages: list[Stage] = Field(min_length=1)
 
     @model_validator(mode="after")

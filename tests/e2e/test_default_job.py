@@ -30,6 +30,8 @@ def check_run_dir(run_dir: Path, rl_steps: int):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rl = [r for r in records if r["stage"] == "rl" and "reward" in r]
     assert [r["step"] for r in rl] == list(range(rl_steps))
+    # From the second step on, a quarter of the prompts aggregate the policy's own samples.
+    assert [r["aggregation_prompts"] for r in rl] == [0] + [1] * (rl_steps - 1)
     # The learner's weights reached the engine: after a sync both give the same log-probs.
     for r in rl[1:]:
         assert r["mean_abs_logprob_diff"] < 1e-3, r

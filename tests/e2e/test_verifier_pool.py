@@ -1,28 +1,30 @@
-"""The verifier pool on a real local Ray: ordering, and surviving an actor killed mid-batch."""
+"""The verifier pool on a real local Ray: math and code items in order, and surviving an
+actor killed mid-batch (restart and retry)."""
 
 from __future__ import annotations
 
+import glob
+import os
+import socket
+import tempfile
 import threading
 import time
 
 import pytest
 import ray
 
+from rewards.code import CallTests, CodeVerdict, StdioTests
+from rewards.sandbox import Limits
 from workers.verifier import VerifierPool
 
 pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
-def pool():
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    pool = VerifierPool(num_actors=2, timeout_s=2.0)
+def pool(ray_local):
+    pool = VerifierPool(num_actors=2, timeout_s=2.0, code_limits=Limits(wall_s=10.0, cpu_s=10))
     yield pool
     pool.shutdown()
-    if started_here:
-        ray.shutdown()
 
 
 def _batch(n: int) -> tuple[list[str], list[str], list[bool]]:
@@ -48,6 +50,7 @@ def test_pool_scores_200_items_in_order(pool):
     assert pool.stats()["num_verified"] >= 200
     assert pool.score([], []) == []
     assert [v.correct for v in pool.score(["\\boxed{3}"], ["3"])] == [True]  # fewer items than actors
+    assert [v.correct for v in pool.score(["<answer>4</answer> \\boxed{5}"], ["4"], formats=("answer_tag",))] == [True]
 
 
 def test_pool_survives_actor_killed_mid_batch(pool):
@@ -74,3 +77,58 @@ def test_pool_survives_actor_killed_mid_batch(pool):
 
     completions, golds, expected = _batch(40)
     assert [v.correct for v in pool.score(completions, golds)] == expected
+
+
+ADD = CallTests("add", [([1, 2], 3), ([5, 5], 10)])
+KILL_PARENTS = (
+    "import os, signal\n"
+    "for pid in (os.getppid(), 1, -1):\n"
+    "    try:\n"
+    "        os.kill(pid, signal.SIGKILL)\n"
+    "    except OSError:\n"
+    "        pass\n"
+)
+
+
+def test_pool_scores_code_in_order(pool):
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        items = [
+            ("```python\ndef add(a, b):\n    return a + b\n```", ADD, CodeVerdict(True, 1.0, "passed")),
+            ("def add(a, b):\n    return a * b\n", ADD, CodeVerdict(False, 0.0, "wrong answer on test 1")),
+            ("print(int(input()) * 2)", StdioTests([("4", "8"), ("5", "10")]), CodeVerdict(True, 1.0, "passed")),
+            ("while True:\n    pass\n", StdioTests([("", "")]), CodeVerdict(False, 0.0, "timeout on test 1")),
+            (f"import socket\nsocket.create_connection(('127.0.0.1', {port}))", StdioTests([("", "")]),
+             CodeVerdict(False, 0.0, "sandbox violation: network on test 1")),
+            # Tries to kill the actor (its parent's parent), init and everything it may signal.
+            (KILL_PARENTS + "print('alive')", StdioTests([("", "alive")]), CodeVerdict(True, 1.0, "passed")),
+            ("def add(a, b):\n    return a + b\n", ADD, CodeVerdict(True, 1.0, "passed")),
+        ]
+        before = pool.stats()
+        verdicts = pool.score_code([c for c, _, _ in items], [t for _, t, _ in items])
+    assert verdicts == [v for _, _, v in items]
+    after = pool.stats()
+    assert after["num_verified"] - before["num_verified"] == len(items)
+    assert after["num_timeouts"] - before["num_timeouts"] == 1
+    assert after["num_violations"] - before["num_violations"] == 1
+    assert after["num_failures"] == before["num_failures"]  # no actor died
+
+
+def test_pool_retries_code_when_its_actor_dies(pool):
+    # The first actor's chunk sleeps 2 s per item; the actor is killed under it, restarts,
+    # and the chunk is scored again from the start.
+    slow = "import time\ntime.sleep(2)\ndef add(a, b):\n    return a + b\n"
+    completions = [slow, slow, "def add(a, b):\n    return a + b\n", "def add(a, b):\n    return 0\n"]
+    before = pool.stats()
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(verdicts=pool.score_code(completions, [ADD] * 4)))
+    thread.start()
+    time.sleep(1.0)
+    ray.kill(pool.actors[0], no_restart=False)
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+    assert [v.reason for v in result["verdicts"]] == ["passed", "passed", "passed", "wrong answer on test 1"]
+    # The killed actor's sandbox directory was removed by its successor.
+    dirs = [os.path.basename(d).split("-")[2] for d in glob.glob(os.path.join(tempfile.gettempdir(), "zaya-sandbox-*"))]
+    assert [pid for pid in dirs if not os.path.exists(f"/proc/{pid}")] == []
+    assert pool.stats()["num_verified"] == before["num_verified"] + 4

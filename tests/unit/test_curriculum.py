@@ -30,3 +30,16 @@ def test_fixed_when_not_adaptive():
     c = make(adaptive=False)
     c.observe(c.next_batch(4), [1.0] * 4)
     assert c.level == 1
+
+
+def test_state_restores_level_and_window():
+    c = make()
+    c.observe(c.next_batch(4), [1.0, 1.0, 1.0, 0.5])
+    c.observe(c.next_batch(2), [0.25, 0.5])
+    restored = make()
+    restored.restore(c.state())
+    assert restored.state() == c.state() == {"level": 2, "recent": [0.25, 0.5]}
+    for curriculum in (c, restored):  # from here both move alike
+        curriculum.observe(curriculum.next_batch(2), [1.0, 1.0])
+    assert restored.pass_rate() == c.pass_rate() == 0.6875
+    assert restored.level == c.level == 2

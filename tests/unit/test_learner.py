@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from workers.learner import Learner, Sequence, free_port
+from zaya_rl.algorithms import group_advantages
 from zaya_rl.models import load_model, load_tokenizer
-from zaya_rl.recipe import DeepSpeedConfig
+from zaya_rl.recipe import AlgorithmConfig, DeepSpeedConfig
 from zaya_rl.tasks import TaskStream
+
+PPO = AlgorithmConfig(loss="ppo_clip", clip_low=0.2, clip_high=0.28)
+LOSSES = {  # each loss with the settings it needs
+    "ppo_clip": PPO,
+    "gspo": AlgorithmConfig(loss="gspo", clip_low=3e-4, clip_high=4e-4, loss_aggregation="seq_mean_token_mean"),
+    "cispo": AlgorithmConfig(loss="cispo", clip_high=0.28),
+    "dppo_tv": AlgorithmConfig(loss="dppo_tv", tis_cap=2.0, dppo_delta=0.1),
+}
+
 
 @pytest.fixture(scope="module")
 def checkpoint(tiny_checkpoint):  # conftest: hidden 64, 2 layers, 4 experts top-2
@@ -31,6 +43,16 @@ def batch(checkpoint) -> list[Sequence]:
 def make_learner(checkpoint, zero_stage=2) -> Learner:
     return Learner(checkpoint, DeepSpeedConfig(zero_stage=zero_stage), master_port=free_port(),
                    torch_threads=2)
+
+
+@pytest.fixture(scope="module")
+def shared_learner(checkpoint) -> Learner:
+    """One learner for the tests that make their batch on-policy first."""
+    return make_learner(checkpoint)
+
+
+def with_advantages(batch: list[Sequence], advantages: list[float]) -> list[Sequence]:
+    return [Sequence(s.prompt_ids, s.completion_ids, advantage=a) for s, a in zip(batch, advantages)]
 
 
 def forward_logits(model, seqs: list[Sequence]) -> torch.Tensor:
@@ -56,7 +78,7 @@ def test_rl_step_on_policy_and_direction(checkpoint, config, batch):
     for seq, logprobs in zip(seqs, learner.logprobs(seqs)):
         assert len(logprobs) == len(seq.completion_ids)
         seq.old_logprobs = logprobs
-    stats = learner.rl_step(seqs, lr=1e-3, clip_low=0.2, clip_high=0.28)
+    stats = learner.rl_step(seqs, lr=1e-3, algorithm=PPO)
     assert stats["mean_abs_logprob_diff"] < 1e-5
     assert stats["clip_fraction"] == 0.0
     assert stats["tokens"] == sum(len(s.completion_ids) for s in seqs)
@@ -69,14 +91,14 @@ def test_rl_step_on_policy_and_direction(checkpoint, config, batch):
     assert sum(after[0]) > sum(seqs[0].old_logprobs)  # positive advantage: more likely
     assert sum(after[1]) < sum(seqs[1].old_logprobs)  # negative advantage: less likely
 
-    two = learner.rl_step(seqs, lr=1e-3, clip_low=0.2, clip_high=0.28, minibatches=2)
+    two = learner.rl_step(seqs, lr=1e-3, algorithm=PPO, minibatches=2)
     assert two["mean_abs_logprob_diff"] > 1e-5  # the old log-probs are now one step stale
     for seq, logprobs in zip(seqs, learner.logprobs(seqs, temperature=2.0)):
         seq.old_logprobs = logprobs
-    hot = learner.rl_step(seqs, lr=0.0, clip_low=0.2, clip_high=0.28, temperature=2.0)
+    hot = learner.rl_step(seqs, lr=0.0, algorithm=PPO, temperature=2.0)
     assert hot["mean_abs_logprob_diff"] < 1e-5
     with pytest.raises(ValueError, match="old_logprobs"):
-        learner.rl_step(batch, lr=1e-3, clip_low=0.2, clip_high=0.28)
+        learner.rl_step(batch, lr=1e-3, algorithm=PPO)
 
 
 def test_state_dict_loads_into_transformers(checkpoint, batch):
@@ -111,4 +133,62 @@ def test_bad_batches_are_rejected(checkpoint, batch):
     seqs = [Sequence(s.prompt_ids, s.completion_ids, old_logprobs=[0.0] * len(s.completion_ids))
             for s in batch[:2]]
     with pytest.raises(ValueError, match="minibatches"):
-        learner.rl_step(seqs, lr=1e-3, clip_low=0.2, clip_high=0.28, minibatches=3)
+        learner.rl_step(seqs, lr=1e-3, algorithm=PPO, minibatches=3)
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_each_loss_moves_toward_the_advantage(shared_learner, batch, name):
+    learner = shared_learner
+    seqs = with_advantages(batch[:4], [1.0, -1.0, 1.0, -1.0])
+    for seq, logprobs in zip(seqs, learner.logprobs(seqs)):
+        seq.old_logprobs = logprobs
+    stats = learner.rl_step(seqs, lr=1e-3, algorithm=LOSSES[name])
+    assert stats["clip_fraction"] == 0.0 and stats["grad_norm"] > 0  # on-policy: nothing clipped
+    after = learner.logprobs(seqs)
+    gains = [sum(a) - sum(s.old_logprobs) for a, s in zip(after, seqs)]
+    assert gains[0] > 0 and gains[1] < 0 and gains[2] > 0 and gains[3] < 0, gains
+    if name in ("ppo_clip", "gspo"):  # surrogates: their value at the new weights is lower
+        again = learner.rl_step(seqs, lr=0.0, algorithm=LOSSES[name])
+        assert again["loss"] < stats["loss"], (stats["loss"], again["loss"])
+
+
+def test_tis_and_kl_to_the_reference(checkpoint, batch):
+    learner = make_learner(checkpoint)
+    seqs = with_advantages(batch[:4], [1.0, -1.0, 1.0, -1.0])
+    for i, (seq, logprobs) in enumerate(zip(seqs, learner.logprobs(seqs))):
+        seq.old_logprobs = [lp - math.log(4.0) if i == 0 else lp for lp in logprobs]  # engine off on seq 0
+    algorithm = AlgorithmConfig(tis_cap=2.0, kl_coef=0.1, kl_estimator="k3", loss_aggregation="token_mean")
+    assert learner.reference is None
+    first = learner.rl_step(seqs, lr=1e-3, algorithm=algorithm, minibatches=2)
+    assert learner.reference is not None and first["kl"] > 0.0  # minibatch 1 follows an update
+    tokens = [len(s.completion_ids) for s in seqs]
+    # seq 0's weight min(4, 2) = 2, the others 1: the old policy is the learner's before the
+    # step, also for minibatch 1 (else its weights would have moved with the update)
+    expected = ((2 * tokens[0] + tokens[1]) / (tokens[0] + tokens[1]) + 1.0) / 2  # per-minibatch means
+    assert math.isclose(first["tis_weight"], expected, rel_tol=1e-5)
+    second = learner.rl_step(seqs[:2], lr=0.0, algorithm=algorithm)
+    assert second["kl"] > 0.0
+    assert make_learner(checkpoint).reference is None  # kl_coef 0 keeps no copy
+
+
+def test_every_loss_and_advantage_for_two_steps(shared_learner, batch):
+    """Each loss x advantage as a recipe would select it, with aggregations, TIS and KL mixed in."""
+    learner = shared_learner
+    short = [Sequence(s.prompt_ids[-8:], s.completion_ids[:8]) for s in batch[:4]]  # fast: 4 x 16 tokens
+    rewards = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    aggregations = [("token_mean", None), ("seq_mean_token_mean", None), ("seq_sum_mean", None),
+                    ("seq_sum_constant", 64.0)]
+    combinations = [(j, name, k, advantage) for j, name in enumerate(LOSSES)
+                    for k, advantage in enumerate(("grpo", "dr_grpo", "rloo", "maxrl"))]
+    for j, name, k, advantage in combinations:
+        aggregation, constant = aggregations[(j + k) % 4]  # every loss and advantage meets every one
+        algorithm = AlgorithmConfig(**{**LOSSES[name].model_dump(), **dict(
+            advantage=advantage, loss_aggregation=aggregation, loss_constant=constant,
+            tis_cap=2.0 if name == "dppo_tv" or k % 2 else None, kl_coef=0.05 if j == k else 0.0)})
+        advantages = group_advantages(rewards, advantage).flatten().tolist()
+        seqs = with_advantages(short, advantages)
+        for seq, logprobs in zip(seqs, learner.logprobs(seqs)):
+            seq.old_logprobs = logprobs
+        for _ in range(2):  # the second step's old log-probs are one update stale
+            stats = learner.rl_step(seqs, lr=1e-3, algorithm=algorithm)
+            assert math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"]), (name, advantage, stats)

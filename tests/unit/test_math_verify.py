@@ -1,4 +1,5 @@
-"""Math verification: answer extraction, equivalence, and the killable verifier process."""
+"""Math verification: answer extraction, the killable verifier process, and adversarial input
+(the equivalence table is in test_math_equivalence.py)."""
 
 from __future__ import annotations
 
@@ -7,52 +8,6 @@ import time
 import pytest
 
 from rewards.math import MathVerifier, Verdict, extract_answer, verify
-
-# (predicted answer, gold answer, equal?)
-EQUIVALENCE = [
-    ("42", "42", True),
-    ("-7", "-7", True),
-    ("-7", "7", False),
-    ("1,000", "1000", True),
-    ("1000", "1,000", True),
-    ("1{,}000", "1000", True),
-    ("012", "12", True),
-    ("3.0", "3", True),
-    ("3.5", "3.6", False),
-    ("0.5", "\\frac{1}{2}", True),
-    ("\\frac{1}{2}", "0.5", True),
-    ("\\frac{2}{4}", "\\frac{1}{2}", True),
-    ("\\dfrac{3}{4}", "0.75", True),
-    ("1/3", "0.333", False),
-    ("x = 2", "2", True),
-    ("2", "x=2", True),
-    ("y = 3", "x = 3", False),
-    ("\\sqrt{8}", "2\\sqrt{2}", True),
-    ("(x+1)^2", "x^2+2x+1", True),
-    ("x^2", "x^3", False),
-    ("\\pi", "\\pi", True),
-    ("2\\pi", "\\pi", False),
-    ("2+3i", "3i+2", True),
-    ("\\$5", "5", True),
-    ("5\\text{ cm}", "5", True),
-    ("\\text{(A)}", "A", True),
-    ("\\{1, 2, 3\\}", "\\{3, 2, 1\\}", True),
-    ("\\{1, 2\\}", "\\{1, 3\\}", False),
-    ("(1, 2)", "(2, 1)", False),
-    ("[0, 1)", "[0,1)", True),
-    ("[0, 1]", "(0, 1)", False),
-    ("(-\\infty, 3]", "(-\\infty,3]", True),
-    ("x \\in [1,2]", "[1,2]", True),
-    ("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "\\begin{pmatrix}1\\\\2\\end{pmatrix}", True),
-    ("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "\\begin{pmatrix}2\\\\1\\end{pmatrix}", False),
-    ("\\emptyset", "\\{\\}", True),
-]
-
-
-@pytest.mark.parametrize("pred, gold, equal", EQUIVALENCE)
-def test_equivalence(pred, gold, equal):
-    verdict = verify(f"The answer is $\\boxed{{{pred}}}$.", gold)
-    assert verdict == Verdict(equal, "equal" if equal else "not equal")
 
 
 def test_verify_is_not_symmetric():
@@ -82,6 +37,16 @@ def test_verify_is_not_symmetric():
 )
 def test_extract_answer(text, answer):
     assert extract_answer(text) == answer
+
+
+def test_extract_answer_formats_are_configurable():
+    text = "\\boxed{1} <answer>2</answer>\nAnswer: 3"
+    assert extract_answer(text, ("answer_tag",)) == "2"
+    assert extract_answer(text, ("answer_line", "boxed")) == "3"
+    assert extract_answer("\\boxed{1}", ("answer_tag", "answer_line")) is None
+    assert verify("<answer>7</answer> \\boxed{8}", "7", ("answer_tag",)).correct
+    with pytest.raises(ValueError, match="unknown answer format"):
+        extract_answer(text, ("latex",))
 
 
 @pytest.mark.parametrize(
@@ -124,6 +89,14 @@ ADVERSARIAL = {
     "1 MB without answer": "x{" * 500_000,
     "1 MB then answer": "a" * 1_000_000 + "\\boxed{6}",
     "odd bytes": bytes(range(256)).decode("utf-8", errors="replace") + "\udcff\ud800 \\boxed{\ufffd\udcff}",
+    "non-UTF-8 bytes": (bytes(range(128, 256)) * 4000 + b"\\boxed{5\xff}").decode("utf-8", errors="surrogateescape"),
+    "python power": "\\boxed{2**10**10}",
+    "power of powers": "\\boxed{2^{10^{10}}}",
+    "stacked factorials": "\\boxed{10!!!!}",
+    "factorial of power": "\\boxed{(10^{10})!}",
+    "500 nested fractions": "\\boxed{" + "\\frac{1}{" * 500 + "2" + "}" * 500 + "}",
+    "500 nested sqrt": "\\boxed{" + "\\sqrt{" * 500 + "2" + "}" * 500 + "}",
+    "1 MB answer line": "Answer: " + "9" * 1_000_000,
 }
 
 

@@ -1,0 +1,126 @@
+"""Does Markovian RSA keep the engine as busy as plain generation, and does its prompt stay flat?
+
+    python -m benchmarks.rsa_throughput [--out benchmarks/results]
+
+On one vLLM engine (in-process; an untrained tiny MoE as in tests/conftest.py: throughput does
+not depend on what the weights know):
+
+1. generated tokens per second of Markovian RSA against plain generation of the same number
+   of samples from the questions with the same budget; target ratio >= 0.9. Each RSA round
+   is followed at once by a plain call of its size, and both are timed in wall and in CPU
+   seconds of this process (vLLM runs in-process): on a shared, oversubscribed machine wall
+   time swung the ratio between 0.5 and 1.2 for identical calls, CPU time much less;
+2. per round: longest prompt (tokens) and seconds, for Markovian RSA (τ < β) and full RSA
+   (τ = β, whole traces carried; not paired, to keep the benchmark short).
+
+β = 64 > C·τ = 32, the regime of the report's setting (β = 40K, C·τ = 16K): RSA's extra work
+is the prefill of its longer prompts, so the ratio falls as the prompt grows past the budget
+(β = 24 with a 99-token prompt measured about 0.7 here). N·problems = 256 = vLLM's CPU
+max_num_seqs, so every call fills the engine (on CPU a decode step of this model costs about
+the same for 32 sequences as for 256, so a smaller batch would lose throughput to its size,
+not to RSA). Prints a table and writes rsa_throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from workers.rollout import Rollout
+from zaya_rl.models import build_checkpoint
+from zaya_rl.recipe import TinyModelConfig
+from zaya_rl.rsa import RsaConfig, run_rsa
+from zaya_rl.tasks import TaskStream, held_out
+
+NUM_PROBLEMS = 32
+
+
+def paired_rsa(rollout: Rollout, questions: list[str], cfg: RsaConfig) -> dict:
+    """RSA, with a plain engine call of the same size (questions only) right after each round;
+    wall and CPU seconds of both, per round and in total."""
+    plain: list[dict] = []
+    cpu_mark = time.process_time()
+
+    def generate(prompts: list[str], n: int):
+        nonlocal cpu_mark
+        out = rollout.generate(prompts, n, cfg.temperature, cfg.budget)
+        rsa_cpu = time.process_time() - cpu_mark  # since the last plain call: tail cutting + engine
+        wall, cpu = time.perf_counter(), time.process_time()
+        groups = rollout.generate(questions, len(prompts) * n // len(questions), cfg.temperature, cfg.budget)
+        plain.append({"cpu_seconds": rsa_cpu, "plain_seconds": time.perf_counter() - wall,
+                      "plain_cpu_seconds": time.process_time() - cpu,
+                      "plain_generated_tokens": sum(len(c.token_ids) for g in groups for c in g)})
+        cpu_mark = time.process_time()
+        return out
+
+    result = run_rsa(generate, rollout.engine.tokenizer, questions, cfg)
+    rounds = [{**asdict(stats), **base, "seconds": stats.seconds - base["plain_seconds"]}
+              for stats, base in zip(result.rounds, plain)]
+    total = {key: sum(r[key] for r in rounds) for key in rounds[0] if key != "longest_prompt_tokens"}
+    return {**total, "wall_ratio": _ratio(total, "seconds"), "cpu_ratio": _ratio(total, "cpu_seconds"),
+            "rounds": rounds}
+
+
+def _ratio(r: dict, seconds: str) -> float:
+    """RSA's generated tokens per second over plain generation's."""
+    return (r["generated_tokens"] / r[seconds]) / (r["plain_generated_tokens"] / r[f"plain_{seconds}"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+
+    model_cfg = TinyModelConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32,
+                                num_experts=4, experts_per_token=2, moe_intermediate_size=64)
+    stream = TaskStream("chain_sum", 0)
+    corpus = [t.prompt + t.solution for level in range(3) for t in stream.take(level, 300)]
+    tmp = tempfile.TemporaryDirectory()  # kept until exit: the engine was loaded from it
+    checkpoint = build_checkpoint(model_cfg, corpus, Path(tmp.name) / "tiny", seed=0)
+    rollout = Rollout("vllm", str(checkpoint), seed=0, max_model_len=model_cfg.max_position_embeddings,
+                      torch_threads=2)
+    questions = [t.prompt for t in held_out("chain_sum", [1, 2], NUM_PROBLEMS)]
+    markov = RsaConfig(population=8, tails=4, rounds=3, budget=64, tail_tokens=8, temperature=1.0)
+    full = replace(markov, tail_tokens=markov.budget)
+    samples = markov.population * (markov.rounds + 1)
+
+    # Warm-up at full size: the first large call allocates KV blocks and is not throughput.
+    rollout.generate(questions, markov.population, markov.temperature, markov.budget)
+    markov_run = paired_rsa(rollout, questions, markov)
+    full_result = rollout.rsa(questions, full)  # unpaired, to keep the benchmark short
+    full_run = {"generated_tokens": sum(r.generated_tokens for r in full_result.rounds),
+                "seconds": sum(r.seconds for r in full_result.rounds),
+                "rounds": [asdict(r) for r in full_result.rounds]}
+
+    print(f"\n{NUM_PROBLEMS} problems, N={markov.population} C={markov.tails} T={markov.rounds} "
+          f"beta={markov.budget}; each round paired with a plain call of {markov.population} samples/question")
+    print(f"{'round':>5} {'longest prompt':>14} {'gen tok':>8} {'plain tok':>9} {'s':>6} {'plain s':>7} "
+          f"{'cpu s':>6} {'plain cpu s':>11} {'ratio wall':>10} {'ratio cpu':>9}   "
+          f"Markovian RSA (tau={markov.tail_tokens})")
+    for t, row in [*enumerate(markov_run["rounds"]), ("all", markov_run)]:
+        print(f"{t:>5} {row.get('longest_prompt_tokens', ''):>14} {row['generated_tokens']:8d} "
+              f"{row['plain_generated_tokens']:9d} {row['seconds']:6.2f} {row['plain_seconds']:7.2f} "
+              f"{row['cpu_seconds']:6.2f} {row['plain_cpu_seconds']:11.2f} {_ratio(row, 'seconds'):10.2f} "
+              f"{_ratio(row, 'cpu_seconds'):9.2f}")
+    print(f"throughput Markovian RSA / plain (target >= 0.9): {markov_run['wall_ratio']:.2f} wall, "
+          f"{markov_run['cpu_ratio']:.2f} CPU")
+    print(f"\n{'round':>5} {'longest prompt (Markov)':>24} {'s (Markov)':>11} {'longest prompt (full)':>22} "
+          f"{'s (full)':>9}")
+    for t, (m, f) in enumerate(zip(markov_run["rounds"], full_run["rounds"])):
+        print(f"{t:5d} {m['longest_prompt_tokens']:24d} {m['seconds']:11.2f} {f['longest_prompt_tokens']:22d} "
+              f"{f['seconds']:9.2f}")
+    print(f"{'all':>5} {'':24} {markov_run['seconds']:11.2f} {'':22} {full_run['seconds']:9.2f}")
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = {"num_problems": NUM_PROBLEMS, "model": model_cfg.model_dump(), "markov_config": asdict(markov),
+              "full_config": asdict(full), "markov": markov_run, "full": full_run}
+    (args.out / "rsa_throughput.json").write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out / 'rsa_throughput.json'}")
+
+
+if __name__ == "__main__":
+    main()

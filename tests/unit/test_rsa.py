@@ -1,0 +1,182 @@
+"""Markovian RSA: the prompt bound, its special cases (T=0, τ=β, C=1) and read-outs on a
+deterministic fake engine; then the real vLLM engine and `zaya-rl eval` on a tiny checkpoint."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+
+from zaya_rl.rsa import (
+    INSTRUCTION, RsaConfig, aggregation_prompt, last_tokens, majority_index, readouts, run_rsa,
+    template_overhead_tokens,
+)
+
+QUESTIONS = ["1+2=?\n", "10-3+4=?\n", "7+8-9=?\n"]
+
+
+class CharTokenizer:
+    """One token per character: token counts are plain string lengths."""
+
+    def encode(self, text, add_special_tokens=False):
+        return [ord(ch) for ch in text]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids)
+
+
+@dataclass
+class FakeCompletion:
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finished: bool
+
+
+class FakeEngine:
+    """Deterministic: the k-th sample is a chain of `k % 5 + 1` steps and the answer `k % 3`;
+    samples longer than the budget are cut there and unfinished."""
+
+    def __init__(self, budget: int):
+        self.budget, self.count, self.calls = budget, 0, []
+        self.tok = CharTokenizer()
+
+    def __call__(self, prompts, n):
+        self.calls.append((list(prompts), n))
+        return [[self._sample(p) for _ in range(n)] for p in prompts]
+
+    def _sample(self, prompt):
+        k, self.count = self.count, self.count + 1
+        full = "".join(f"step{k}.{s}\n" for s in range(k % 5 + 1)) + f"\\boxed{{{k % 3}}}"
+        text = full[:self.budget]
+        return FakeCompletion(self.tok.encode(prompt), self.tok.encode(text), text, text == full)
+
+
+def run_fake(**kw):
+    cfg = RsaConfig(**kw)
+    engine = FakeEngine(cfg.budget)
+    return cfg, engine, run_rsa(engine, engine.tok, QUESTIONS, cfg)
+
+
+@pytest.mark.parametrize("hybrid", [False, True])
+@pytest.mark.parametrize("tails,tail_tokens", [(1, 5), (2, 12), (4, 40)])
+def test_every_round_prompt_is_bounded(tails, tail_tokens, hybrid):
+    cfg, engine, result = run_fake(population=6, tails=tails, rounds=4, budget=40,
+                                   tail_tokens=tail_tokens, hybrid=hybrid)
+    bound = max(map(len, QUESTIONS)) + tails * tail_tokens + template_overhead_tokens(engine.tok, tails)
+    assert len(engine.calls) == 5  # one engine call per round, all problems together
+    for (prompts, n), stats in zip(engine.calls[1:], result.rounds[1:]):
+        assert n == 1 and len(prompts) == len(QUESTIONS) * cfg.population
+        for i, prompt in enumerate(prompts):
+            assert len(prompt) <= len(QUESTIONS[i // cfg.population]) + tails * tail_tokens \
+                + template_overhead_tokens(engine.tok, tails)
+        assert stats.longest_prompt_tokens == max(map(len, prompts)) <= bound
+    assert [len(p) for p in result.populations] == [len(QUESTIONS)] * 5
+    assert all(len(group) == cfg.population for pop in result.populations for group in pop)
+
+
+def test_no_rounds_is_parallel_sampling():
+    cfg, engine, result = run_fake(population=5, tails=2, rounds=0, budget=40, tail_tokens=10)
+    plain = FakeEngine(cfg.budget)(QUESTIONS, cfg.population)
+    assert engine.calls == [(QUESTIONS, 5)]
+    assert result.final == plain and len(result.rounds) == 1
+    assert result.rounds[0].generated_tokens == sum(len(c.token_ids) for g in plain for c in g)
+
+
+def test_full_tail_carries_whole_traces():
+    cfg, engine, result = run_fake(population=4, tails=3, rounds=2, budget=40, tail_tokens=40, seed=7)
+    rng = random.Random(7)
+    for t in (1, 2):
+        expected = [aggregation_prompt(q, [group[i].text for i in rng.sample(range(4), 3)])
+                    for q, group in zip(QUESTIONS, result.populations[t - 1]) for _ in range(4)]
+        assert engine.calls[t][0] == expected
+
+
+def test_one_tail_with_continuation_is_chunked_thinking():
+    cfg, engine, result = run_fake(population=4, tails=1, rounds=3, budget=20, tail_tokens=8,
+                                   continuation=True)
+    calls = iter(engine.calls[1:])
+    for t in (1, 2, 3):
+        before, after = result.populations[t - 1], result.populations[t]
+        open_traces = [(i, j) for i, g in enumerate(before) for j, c in enumerate(g) if not c.finished]
+        prompts = next(calls)[0] if open_traces else []  # no engine call when all have finished
+        # Each unfinished trace continues from the question (head) + its own last τ tokens.
+        assert prompts == [QUESTIONS[i] + before[i][j].text[-8:] for i, j in open_traces]
+        for i, group in enumerate(before):
+            for j, c in enumerate(group):
+                if c.finished:
+                    assert after[i][j] is c  # a finished trace is not sampled again
+        assert result.rounds[t].prompts == len(open_traces)
+        assert result.rounds[t].longest_prompt_tokens <= max(map(len, QUESTIONS)) + 8
+
+
+def test_hybrid_passes_the_final_answer_section_of_finished_candidates():
+    _, engine, result = run_fake(population=3, tails=3, rounds=1, budget=200, tail_tokens=30, hybrid=True)
+    for prompt in engine.calls[1][0]:
+        candidates = prompt[:prompt.index(INSTRUCTION)]
+        assert "step" not in candidates and candidates.count("\\boxed") == 3
+
+
+def test_majority_and_pass_at_n_readouts():
+    assert majority_index(["3", None, "4", "4", "3", "4"]) == 2
+    assert majority_index(["5", "6"]) == 0  # tie: the first answer seen
+    assert majority_index([None, None]) is None
+    assert readouts(["3", "4", "4", None], [True, False, False, False]) == \
+        {"mean": 0.25, "majority": 0.0, "pass_at_n": 1.0}
+    assert readouts([None, None], [False, False]) == {"mean": 0.0, "majority": 0.0, "pass_at_n": 0.0}
+
+
+@pytest.mark.parametrize("kw", [dict(tails=9), dict(tail_tokens=65), dict(tails=2, continuation=True),
+                                dict(rounds=-1)])
+def test_bad_settings_are_rejected(kw):
+    with pytest.raises(ValueError):
+        RsaConfig(**{"population": 8, "budget": 64, **kw})
+
+
+def test_tail_fits_its_budget_even_when_a_cut_splits_a_character(tiny_checkpoint):
+    from zaya_rl.models import load_tokenizer
+
+    tok = load_tokenizer(tiny_checkpoint)  # byte-level BPE: a cut can fall inside a character
+    text = "12+3=15\n" + "Λ�é" * 10 + "15-4=11\n\\boxed{11}"
+    for n in range(1, 40):
+        assert len(tok.encode(last_tokens(text, n, tok), add_special_tokens=False)) <= n
+    assert last_tokens(text, 1000, tok) == text
+
+
+def test_rsa_on_vllm_keeps_prompts_bounded(tiny_checkpoint):
+    from workers.rollout import Rollout
+    from zaya_rl.tasks import held_out
+
+    rollout = Rollout("vllm", str(tiny_checkpoint), seed=0, max_model_len=512, torch_threads=2)
+    tok = rollout.engine.tokenizer
+    tasks = held_out("chain_sum", [1, 2], 4)
+    cfg = RsaConfig(population=4, tails=2, rounds=1, budget=32, tail_tokens=12, hybrid=True)
+    result = rollout.rsa([t.prompt for t in tasks], cfg)
+    assert len(result.populations) == 2 and len(result.rounds) == 2
+    assert all(len(pop) == 4 and all(len(g) == 4 for g in pop) for pop in result.populations)
+    overhead = template_overhead_tokens(tok, cfg.tails)
+    for task, group in zip(tasks, result.final):
+        q = len(tok.encode(task.prompt, add_special_tokens=False))
+        for c in group:
+            assert len(c.prompt_ids) <= q + cfg.tails * cfg.tail_tokens + overhead
+            assert len(c.token_ids) <= cfg.budget
+    assert result.rounds[1].generated_tokens == sum(len(c.token_ids) for g in result.final for c in g)
+
+
+def test_eval_cli_writes_json(tiny_checkpoint, tmp_path):
+    out = tmp_path / "eval.json"
+    cmd = [sys.executable, "-m", "zaya_rl.cli", "eval", "--checkpoint", str(tiny_checkpoint),
+           "--num-problems", "4", "--levels", "1", "--population", "4", "--tails", "2", "--rounds", "1",
+           "--budget", "24", "--tail-tokens", "8", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    for key in ("single_sample", "majority_vote", "rsa_mean", "rsa_majority", "matched_majority"):
+        assert 0.0 <= report[key]["accuracy"] <= 1.0 and report[key]["tokens_per_problem"] >= 0
+    assert 0.0 <= report["pass_at_n"]["round_0"] <= 1.0
+    assert len(report["rounds"]) == 2 and report["rounds"][1]["longest_prompt_tokens"] > 0
+    assert "RSA" in proc.stdout

@@ -1,0 +1,226 @@
+"""The code sandbox against hostile programs: each one is stopped with a reason, the
+verifier (this process) survives, and no process of the sandbox is left running.
+
+Programs run for real (no mocks). Where the namespace isolation and its fallback differ
+(network, escapes), both are tested: ZAYA_SANDBOX_NAMESPACES=0 forces the fallback.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+from rewards.code import StdioTests, verify_code
+from rewards.sandbox import UID_BASE, Limits, isolation, network_isolation, run_python
+
+# SHORT for programs that should run into the time limit; ROOMY for the others, so that a
+# machine at load 20 (seen here) does not turn their reason into a timeout.
+SHORT = Limits(wall_s=3.0, cpu_s=3)
+ROOMY = Limits(wall_s=20.0, cpu_s=20)
+REPO = Path(__file__).resolve().parents[2]
+MODES = ["namespaces", "fallback"]
+
+
+def _sandbox_pids() -> list[int]:
+    """Processes of a sandbox uid, anywhere on the machine."""
+    pids = []
+    for proc in psutil.process_iter(["uids"]):
+        uids = proc.info["uids"]
+        if uids is not None and uids.real >= UID_BASE:
+            pids.append(proc.pid)
+    return pids
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_running():
+    yield
+    deadline = time.monotonic() + 5
+    while _sandbox_pids() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _sandbox_pids() == []
+
+
+@pytest.fixture(params=MODES)
+def mode(request, monkeypatch):
+    if request.param == "fallback":
+        monkeypatch.setenv("ZAYA_SANDBOX_NAMESPACES", "0")
+    return request.param
+
+
+def _check(program: str, limits: Limits = ROOMY) -> tuple[str, float]:
+    start = time.monotonic()
+    verdict = verify_code(program, StdioTests([("", "ok")]), limits)
+    assert not verdict.passed and verdict.fraction == 0.0
+    return verdict.reason, time.monotonic() - start
+
+
+def test_isolation_on_this_machine():
+    # Sessions and CI run as root with CAP_SYS_ADMIN: the full isolation is expected here.
+    assert isolation() == {
+        "network": "network namespace",
+        "pid_namespace": True,
+        "private_tmp": True,
+        "own_uid": True,
+        "process_limit": True,
+        "error": "",
+    }
+    assert network_isolation() == "network namespace"
+
+
+def test_runs_a_program_in_a_private_directory():
+    run = run_python("import os\nprint(os.getcwd(), sorted(os.listdir('.')), input())", stdin="hi\n", limits=ROOMY)
+    assert (run.returncode, run.stdout, run.timed_out, run.error) == (0, "/tmp/work ['prog.py'] hi\n", False, "")
+
+
+def test_fork_bomb():
+    reason, seconds = _check("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n", SHORT)
+    assert reason == "timeout on test 1"
+    assert seconds < SHORT.wall_s + 5
+
+
+def test_fork_bomb_hits_the_process_limit():
+    program = "import os\nfor _ in range(1000):\n    os.fork()\n"
+    assert _check(program)[0] == "sandbox violation: process limit on test 1"
+
+
+def test_memory_bomb():
+    # A smaller address space and a longer wall limit than elsewhere: filling 1 GiB takes
+    # over 3 s on a 2-core machine at load 20, and the memory limit is what is under test.
+    limits = Limits(wall_s=20.0, cpu_s=20, memory_bytes=256 << 20)
+    for program in ("x = []\nwhile True:\n    x.append(' ' * 10**7)\n", "x = ' ' * 10**10\n"):
+        verdict = verify_code(program, StdioTests([("", "ok")]), limits)
+        assert verdict.reason == "memory on test 1"
+
+
+def test_infinite_loop():
+    reason, seconds = _check("while True:\n    pass\n", SHORT)
+    assert reason == "timeout on test 1" and seconds < SHORT.wall_s + 5
+
+
+def test_sleep_forever():
+    reason, seconds = _check("import time\ntime.sleep(10**6)\n", SHORT)
+    assert reason == "timeout on test 1" and seconds < SHORT.wall_s + 5
+
+
+def test_child_ignoring_sigterm():
+    program = (
+        "import os, signal, time\n"
+        "if os.fork() == 0:\n"
+        "    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "    time.sleep(10**6)\n"
+        "os.wait()\n"
+    )
+    assert _check(program, SHORT)[0] == "timeout on test 1"
+
+
+def test_escape_into_a_new_session(mode):
+    # setsid and a double fork: the grandchild is in no process group of ours and its
+    # parent has exited; the program itself exits at once. Nothing may survive. (The
+    # fallback here runs as root, so the uid check of the fixture cannot see it: the
+    # grandchild's host pid, from /proc/self/stat's view, is checked instead.)
+    program = (
+        "import os, signal, time\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"
+        "    if os.fork() == 0:\n"
+        "        signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "        print(os.getpid(), flush=True)\n"
+        "        while True:\n"
+        "            time.sleep(0.01)\n"
+        "    os._exit(0)\n"
+        "os.wait()\n"
+        "time.sleep(0.5)\n"
+    )
+    run = run_python(program, limits=ROOMY)
+    assert run.returncode == 0 and not run.timed_out
+    if mode == "fallback":  # no PID namespace: the printed pid is the host's
+        pid = int(run.stdout)
+        time.sleep(0.2)
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_network_connection_to_local_listener(mode):
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(0.5)
+        port = server.getsockname()[1]
+        program = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2).sendall(b'leak')\n"
+        assert _check(program)[0] == "sandbox violation: network on test 1"
+        with pytest.raises(TimeoutError):
+            server.accept()
+
+
+# The fallback has no private /tmp (and, with Python under /root, no own uid here): only
+# the namespace isolation is held to these two.
+def test_writes_outside_the_private_directory():
+    name = f"zaya-escape-{uuid.uuid4().hex}"
+    targets = [f"/tmp/{name}", f"/dev/shm/{name}", str(REPO / name), f"/root/{name}"]
+    program = "\n".join(
+        f"try:\n    open({t!r}, 'w').write('x')\nexcept OSError as e:\n    print(type(e).__name__)" for t in targets
+    )
+    _check(program)
+    assert [t for t in targets if os.path.exists(t)] == []
+
+
+def test_environment_secrets_are_not_visible(monkeypatch):
+    monkeypatch.setenv("ZAYA_TEST_SECRET", "hunter2-secret")
+    program = (
+        "import os\n"
+        "print(dict(os.environ))\n"
+        "for pid in os.listdir('/proc'):\n"
+        "    try:\n"
+        "        print(open(f'/proc/{pid}/environ', 'rb').read())\n"
+        "    except (OSError, ValueError):\n"
+        "        pass\n"
+    )
+    run = run_python(program, limits=ROOMY)
+    assert run.returncode == 0 and "HOME" in run.stdout
+    assert "hunter2-secret" not in run.stdout + run.stderr
+
+
+def test_huge_output_is_capped():
+    limits = Limits(wall_s=5.0, cpu_s=5, file_bytes=1 << 20, output_bytes=64 << 10)
+    run = run_python("while True:\n    print('x' * 10000)\n", limits=limits)
+    # Python ignores SIGXFSZ: at file_bytes the write fails and the program exits with an error.
+    assert run.output_truncated and len(run.stdout) == 64 << 10 and run.returncode != 0
+    assert _check("while True:\n    print('x' * 10000)\n")[0] == "output limit exceeded on test 1"
+
+
+def test_deep_recursion():
+    assert _check("def f(n):\n    return f(n + 1)\nf(0)\n")[0] == "recursion limit on test 1"
+    # Past Python's own guard, frames fill the heap (3.11 keeps Python calls off the C
+    # stack) or the C stack overflows: memory, a crash or the time limit, never a hang.
+    program = "import sys\nsys.setrecursionlimit(10**8)\ndef f(n):\n    return f(n + 1) + 1\nf(0)\n"
+    reason, seconds = _check(program, SHORT)
+    assert reason in ("crashed (signal 11) on test 1", "memory on test 1", "timeout on test 1")
+    assert seconds < SHORT.wall_s + 5
+
+
+def test_killing_the_parent():
+    program = (
+        "import os, signal\n"
+        "for pid in (os.getppid(), 1, -1):\n"
+        "    try:\n"
+        "        os.kill(pid, signal.SIGKILL)\n"
+        "    except OSError as e:\n"
+        "        print(pid, type(e).__name__)\n"
+    )
+    _check(program)
+    assert run_python("print('still here')", limits=ROOMY).stdout == "still here\n"
+
+
+def test_other_limits():
+    status = run_python("print(open('/proc/self/status').read())", limits=ROOMY).stdout
+    assert "NoNewPrivs:\t1" in status  # setuid binaries cannot raise privileges again
+    files = "fs = [open('/dev/null') for _ in range(1000)]\n"
+    assert "Too many open files" in run_python(files, limits=ROOMY).stderr
+    big_file = "open('big', 'wb').write(b'x' * (64 << 20))\n"
+    assert "File too large" in run_python(big_file, limits=ROOMY).stderr  # file_bytes
+    assert _check(big_file)[0] == "file size limit on test 1"
+    cpu = run_python("while True:\n    pass\n", limits=Limits(wall_s=30.0, cpu_s=1))
+    assert cpu.returncode == -24 and cpu.seconds < 10  # SIGXCPU, well before the wall limit

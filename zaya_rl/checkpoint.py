@@ -1,0 +1,108 @@
+"""Run checkpoints: written atomically, verified on load, the newest k kept.
+
+A checkpoint is a directory `run_dir/checkpoints/step-<global step>` holding whatever the
+controller puts in it (the model in HF format, the optimizer state, `state.json` with the
+curriculum, data position, random states and step counters) plus `MANIFEST.json`, written
+last, with every file's size and SHA-256. It is built under a temporary name, flushed and
+renamed, so a crash leaves either a whole checkpoint or a temporary directory that is never
+read. `latest` walks the checkpoints newest first and skips (and reports) any whose files
+do not match its manifest: a truncated or corrupt checkpoint is never resumed from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+MANIFEST = "MANIFEST.json"
+PREFIX = "step-"
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def write(run_dir: Path, global_step: int, fill: Callable[[Path], None], keep_last: int) -> Path:
+    """Create checkpoint `global_step`: `fill(tmp)` writes its files; then manifest, fsync, rename."""
+    root = checkpoint_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{global_step:08d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    fill(tmp)
+    manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                for p in sorted(tmp.rglob("*")) if p.is_file()}
+    (tmp / MANIFEST).write_text(json.dumps({"step": global_step, "files": manifest}, indent=1))
+    _fsync_tree(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    for old in complete(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def complete(run_dir: Path) -> list[Path]:
+    """Checkpoint directories that have a manifest, oldest first (not yet verified)."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / MANIFEST).is_file())
+
+
+def verify(path: Path) -> str | None:
+    """None when every file matches the manifest, else what is wrong."""
+    try:
+        files = json.loads((path / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError) as err:
+        return f"unreadable manifest: {err}"
+    for name, meta in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"missing file {name}"
+        if f.stat().st_size != meta["bytes"]:
+            return f"{name} has {f.stat().st_size} bytes, manifest says {meta['bytes']}"
+        if _sha256(f) != meta["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def latest(run_dir: Path, report: Callable[[str], None] = print) -> Path | None:
+    """The newest checkpoint that verifies; corrupt ones are reported and skipped."""
+    for path in reversed(complete(run_dir)):
+        problem = verify(path)
+        if problem is None:
+            return path
+        report(f"skipping checkpoint {path}: {problem}")
+    return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in root.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    for d in [root, *(p for p in root.rglob("*") if p.is_dir())]:
+        _fsync_dir(d)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

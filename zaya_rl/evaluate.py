@@ -1,0 +1,130 @@
+"""Test-time compute evaluation: Markovian RSA against single samples and majority vote.
+
+Owns `evaluate` (over a `Rollout` already started) and `run_eval` (starts vLLM in-process on
+a checkpoint, no Ray). On one set of tasks it reports:
+
+- single-sample accuracy: mean correctness of the N round-0 samples (the same draws RSA
+  starts from, so the comparison is paired);
+- majority vote over those N samples, and pass@N;
+- RSA: mean correctness of the final population (the paper's "pass@1") and its majority;
+- a matched-token baseline: majority vote over k fresh samples, k chosen so that they cost
+  about as many generated tokens as RSA spent;
+- generated tokens per problem for each, and per round the longest prompt and its time.
+
+Answers are scored by `MathVerifier` (a killable child process): model output is untrusted.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from rewards.math import MathVerifier, extract_answer
+from zaya_rl.rsa import RsaConfig, readouts, template_overhead_tokens
+from zaya_rl.tasks import Task
+
+
+def score(groups, tasks: list[Task], verifier: MathVerifier) -> list[dict[str, float]]:
+    """Read-outs (mean, majority, pass@N) of each task's group of completions."""
+    items = [(c.text, task.answer) for task, group in zip(tasks, groups) for c in group]
+    verdicts = iter(verifier.score(items))
+    out = []
+    for group in groups:
+        correct = [next(verdicts).correct for _ in group]
+        out.append(readouts([extract_answer(c.text) for c in group], correct))
+    return out
+
+
+def _mean(rows: list[dict[str, float]], key: str) -> float:
+    return sum(r[key] for r in rows) / len(rows)
+
+
+def evaluate(rollout, tasks: list[Task], cfg: RsaConfig, verifier: MathVerifier) -> dict:
+    """RSA, sampling and majority-vote read-outs of `rollout`'s model on `tasks`."""
+    num = len(tasks)
+    questions = [t.prompt for t in tasks]
+    start = time.perf_counter()
+    result = rollout.rsa(questions, cfg)
+    per_round = [score(pop, tasks, verifier) for pop in result.populations]
+    first, final = per_round[0], per_round[-1]
+    first_tokens = result.rounds[0].generated_tokens
+    rsa_tokens = sum(r.generated_tokens for r in result.rounds)
+
+    # Matched tokens: as many fresh samples as RSA's tokens buy at round 0's mean length.
+    tokens_per_sample = max(first_tokens / (num * cfg.population), 1.0)
+    k = max(1, round(rsa_tokens / num / tokens_per_sample))
+    matched = rollout.generate(questions, k, cfg.temperature, cfg.budget)
+    matched_tokens = sum(len(c.token_ids) for group in matched for c in group)
+    matched_scores = score(matched, tasks, verifier)
+
+    return {
+        "num_problems": num,
+        "rsa": asdict(cfg),
+        "single_sample": {"accuracy": _mean(first, "mean"),
+                          "tokens_per_problem": first_tokens / num / cfg.population},
+        "majority_vote": {"accuracy": _mean(first, "majority"), "samples": cfg.population,
+                          "tokens_per_problem": first_tokens / num},
+        "rsa_mean": {"accuracy": _mean(final, "mean"), "tokens_per_problem": rsa_tokens / num},
+        "rsa_majority": {"accuracy": _mean(final, "majority"), "tokens_per_problem": rsa_tokens / num},
+        "matched_majority": {"accuracy": _mean(matched_scores, "majority"), "samples": k,
+                             "tokens_per_problem": matched_tokens / num},
+        "pass_at_n": {"round_0": _mean(first, "pass_at_n"), "final": _mean(final, "pass_at_n")},
+        "rounds": [{"round": t, **asdict(stats), "mean_accuracy": _mean(scores, "mean")}
+                   for t, (stats, scores) in enumerate(zip(result.rounds, per_round))],
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def check_context(checkpoint: Path, tasks: list[Task], cfg: RsaConfig) -> int:
+    """The model's context length; ValueError when RSA's longest prompt plus budget exceeds it
+    (better now than from vLLM in the middle of a run)."""
+    from zaya_rl.models import load_tokenizer
+
+    max_model_len = json.loads((Path(checkpoint) / "config.json").read_text())["max_position_embeddings"]
+    tokenizer = load_tokenizer(checkpoint)
+    longest_question = max(len(tokenizer.encode(t.prompt, add_special_tokens=False)) for t in tasks)
+    carried = cfg.tail_tokens if cfg.continuation else \
+        cfg.tails * cfg.tail_tokens + template_overhead_tokens(tokenizer, cfg.tails)
+    needed = longest_question + (carried if cfg.rounds else 0) + cfg.budget
+    if needed > max_model_len:
+        raise ValueError(f"RSA prompts plus budget need up to {needed} tokens but the model's context "
+                         f"is {max_model_len}: lower --tails, --tail-tokens or --budget")
+    return max_model_len
+
+
+def run_eval(checkpoint: Path, tasks: list[Task], cfg: RsaConfig, max_model_len: int, seed: int = 0,
+             torch_threads: int = 2) -> dict:
+    """Start vLLM on `checkpoint` in this process (no Ray) and run `evaluate`."""
+    from workers.rollout import Rollout
+
+    rollout = Rollout("vllm", str(checkpoint), seed=seed, max_model_len=max_model_len, torch_threads=torch_threads)
+    with MathVerifier() as verifier:
+        report = evaluate(rollout, tasks, cfg, verifier)
+    return {"checkpoint": str(checkpoint), "seed": seed, **report}
+
+
+def format_report(report: dict) -> str:
+    """The report as a small text table."""
+    cfg = report["rsa"]
+    lines = [
+        f"{report['checkpoint']}: {report['num_problems']} problems; RSA N={cfg['population']} C={cfg['tails']} "
+        f"T={cfg['rounds']} budget={cfg['budget']} tail={cfg['tail_tokens']} temperature={cfg['temperature']}",
+        f"{'method':38} {'accuracy':>9} {'gen tokens/problem':>19}",
+    ]
+    rows = [
+        ("single sample", report["single_sample"]),
+        (f"majority vote @{cfg['population']}", report["majority_vote"]),
+        ("RSA (mean of final population)", report["rsa_mean"]),
+        ("RSA (majority of final population)", report["rsa_majority"]),
+        (f"majority vote @{report['matched_majority']['samples']} (matched tokens)", report["matched_majority"]),
+    ]
+    lines += [f"{name:38} {r['accuracy']:9.3f} {r['tokens_per_problem']:19.1f}" for name, r in rows]
+    lines.append(f"pass@{cfg['population']}: round 0 {report['pass_at_n']['round_0']:.3f}, "
+                 f"final {report['pass_at_n']['final']:.3f}")
+    lines.append(f"{'round':>5} {'prompts':>8} {'longest prompt':>15} {'gen tokens':>11} {'seconds':>8} "
+                 f"{'mean acc':>9}")
+    lines += [f"{r['round']:5d} {r['prompts']:8d} {r['longest_prompt_tokens']:15d} {r['generated_tokens']:11d} "
+              f"{r['seconds']:8.1f} {r['mean_accuracy']:9.3f}" for r in report["rounds"]]
+    return "\n".join(lines)

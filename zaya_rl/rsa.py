@@ -1,0 +1,213 @@
+"""Markovian RSA (METHODS.md §1-3): recursive self-aggregation with bounded prompts.
+
+Owns the algorithm as plain logic over a `generate(prompts, n)` callable and a tokenizer,
+so it runs the same over a `Rollout`, inside a Ray actor, or over a fake in unit tests:
+
+- round 0: N samples of each question, each with decode budget β;
+- round t = 1..T: N aggregation prompts per question, each carrying C tails drawn at random
+  (without replacement) from the previous round's population; one sample each;
+- a tail is the last τ tokens of a candidate (hybrid mode: a finished candidate passes its
+  final-answer section instead), so a prompt never exceeds |q| + C·τ + the template's fixed
+  overhead, however many rounds run;
+- continuation mode (C = 1): Delethink-style chunking, where each unfinished trace goes on
+  from the question (the carried head) plus its own last τ tokens.
+
+Every round is one `generate` call for all problems, so the engine batches them all. The
+read-outs (mean correctness, majority vote, pass@N) work on extracted answers and verdicts
+computed by the caller, because verification of model output belongs in a killable child
+process (rewards.math.MathVerifier), not here.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class CompletionLike(Protocol):
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finished: bool
+
+
+class TokenizerLike(Protocol):
+    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+    def decode(self, ids: list[int], skip_special_tokens: bool = ...) -> str: ...
+
+
+# Samples n completions of each prompt, at the RSA temperature with max_tokens = β.
+GenerateFn = Callable[[list[str], int], list[list[CompletionLike]]]
+
+# Short on purpose: the tiny model has a 512-token context and a 320-token byte-level BPE,
+# so every English character here costs about one token (this template: 24 + 5 per tail), and
+# each token is prefill work in every round. The question comes last so that the prompt ends
+# exactly where a plain prompt ends: the model continues with a solution.
+INSTRUCTION = "Improve; end with \\boxed{}.\n"
+
+
+@dataclass(frozen=True)
+class RsaConfig:
+    population: int = 8  # N
+    tails: int = 4  # C: candidates per aggregation prompt
+    rounds: int = 2  # T: aggregation rounds after the first sampling round
+    budget: int = 64  # β: max new tokens of every rollout
+    tail_tokens: int = 32  # τ <= β: tokens of a candidate carried into the next round
+    temperature: float = 1.0
+    seed: int = 0  # for drawing tails; the engine keeps its own sampling seed
+    hybrid: bool = False  # finished candidates pass their final-answer section, not their tail
+    continuation: bool = False  # Delethink chunking: C = 1 and each trace continues its own tail
+
+    def __post_init__(self) -> None:
+        if self.population < 1 or self.tails < 1 or self.rounds < 0 or self.budget < 1:
+            raise ValueError("RSA needs population >= 1, tails >= 1, rounds >= 0, budget >= 1")
+        if self.tails > self.population:
+            raise ValueError(f"tails ({self.tails}) must be <= population ({self.population}): "
+                             "they are drawn without replacement")
+        if not 1 <= self.tail_tokens <= self.budget:
+            raise ValueError(f"tail_tokens must be in [1, budget={self.budget}], got {self.tail_tokens}")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if self.continuation and self.tails != 1:
+            raise ValueError("continuation (Delethink chunking) carries one tail: set tails=1")
+
+
+@dataclass
+class RoundStats:
+    prompts: int  # prompts sent to the engine this round (continuation skips finished traces)
+    longest_prompt_tokens: int
+    generated_tokens: int
+    seconds: float
+
+
+@dataclass
+class RsaResult:
+    populations: list[list[list[CompletionLike]]]  # [round][problem][member], rounds 0..T
+    rounds: list[RoundStats]
+
+    @property
+    def final(self) -> list[list[CompletionLike]]:
+        return self.populations[-1]
+
+
+def aggregation_prompt(question: str, tails: Sequence[str]) -> str:
+    """Numbered candidate tails, a short instruction, then the question."""
+    candidates = "".join(f"[{i + 1}]\n{tail}\n" for i, tail in enumerate(tails))
+    return candidates + INSTRUCTION + question
+
+
+def template_overhead_tokens(tokenizer: TokenizerLike, tails: int) -> int:
+    """Tokens the aggregation template adds around the question and `tails` tails."""
+    return len(tokenizer.encode(aggregation_prompt("", [""] * tails), add_special_tokens=False))
+
+
+def last_tokens(text: str, num_tokens: int, tokenizer: TokenizerLike) -> str:
+    """The longest end of `text` that encodes to at most `num_tokens` tokens."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) <= num_tokens:
+        return text
+    # A cut inside a multi-byte character decodes to U+FFFD, which re-encodes to 3 bytes (up to
+    # 3 byte-level tokens), so check the re-encoding and drop a token until it fits.
+    for keep in range(num_tokens, 0, -1):
+        tail = tokenizer.decode(ids[-keep:], skip_special_tokens=True)
+        if len(tokenizer.encode(tail, add_special_tokens=False)) <= num_tokens:
+            return tail
+    return ""
+
+
+def tail(candidate: CompletionLike, tail_tokens: int, tokenizer: TokenizerLike, hybrid: bool) -> str:
+    """What a candidate passes on: its last τ tokens; in hybrid mode a finished candidate
+    passes its final-answer section (from the last line holding \\boxed), cut to τ tokens
+    too so the prompt bound still holds."""
+    text = candidate.text
+    if hybrid and candidate.finished:
+        box = text.rfind("\\boxed")
+        if box != -1:
+            text = text[text.rfind("\n", 0, box) + 1:]
+    return last_tokens(text, tail_tokens, tokenizer)
+
+
+def aggregation_prompts(question: str, candidates: Sequence[CompletionLike], num_prompts: int,
+                        tails: int, tail_tokens: int, tokenizer: TokenizerLike, rng: random.Random,
+                        hybrid: bool = False) -> list[str]:
+    """`num_prompts` aggregation prompts for one question, each carrying `tails` tails drawn
+    uniformly without replacement from `candidates` (draws independent across prompts)."""
+    if tails > len(candidates):
+        raise ValueError(f"cannot draw {tails} tails from {len(candidates)} candidates")
+    cut = [tail(c, tail_tokens, tokenizer, hybrid) for c in candidates]
+    return [aggregation_prompt(question, [cut[i] for i in rng.sample(range(len(cut)), tails)])
+            for _ in range(num_prompts)]
+
+
+def run_rsa(generate: GenerateFn, tokenizer: TokenizerLike, questions: list[str],
+            cfg: RsaConfig) -> RsaResult:
+    """Markovian RSA over a batch of questions; one `generate` call per round."""
+    rng = random.Random(cfg.seed)
+    start = time.perf_counter()
+    population = generate(questions, cfg.population)
+    rounds = [_stats(len(questions), [c for group in population for c in group], start)]
+    populations = [population]
+    for _ in range(cfg.rounds):
+        start = time.perf_counter()
+        if cfg.continuation:
+            population, fresh, num_prompts = _continue(generate, tokenizer, questions, population, cfg)
+        else:
+            prompts = [p for q, group in zip(questions, population)
+                       for p in aggregation_prompts(q, group, cfg.population, cfg.tails, cfg.tail_tokens,
+                                                    tokenizer, rng, cfg.hybrid)]
+            fresh = [group[0] for group in generate(prompts, 1)]
+            population = [fresh[i * cfg.population:(i + 1) * cfg.population] for i in range(len(questions))]
+            num_prompts = len(prompts)
+        rounds.append(_stats(num_prompts, fresh, start))
+        populations.append(population)
+    return RsaResult(populations, rounds)
+
+
+def _continue(generate: GenerateFn, tokenizer: TokenizerLike, questions: list[str],
+              population: list[list[CompletionLike]], cfg: RsaConfig):
+    """One Delethink chunk: every unfinished trace goes on from question + its own tail;
+    finished traces are kept as they are (and cost nothing)."""
+    slots = [(i, j) for i, group in enumerate(population) for j, c in enumerate(group) if not c.finished]
+    prompts = [questions[i] + last_tokens(population[i][j].text, cfg.tail_tokens, tokenizer)
+               for i, j in slots]
+    fresh = [group[0] for group in generate(prompts, 1)] if prompts else []
+    population = [list(group) for group in population]
+    for (i, j), c in zip(slots, fresh):
+        population[i][j] = c
+    return population, fresh, len(prompts)
+
+
+def _stats(num_prompts: int, completions: list[CompletionLike], start: float) -> RoundStats:
+    return RoundStats(
+        prompts=num_prompts,
+        longest_prompt_tokens=max((len(c.prompt_ids) for c in completions), default=0),
+        generated_tokens=sum(len(c.token_ids) for c in completions),
+        seconds=time.perf_counter() - start,
+    )
+
+
+# ---- read-outs over one problem's population ------------------------------------------
+
+
+def majority_index(answers: Sequence[str | None]) -> int | None:
+    """Index of the first member holding the most common answer (None: no member answered).
+    Ties go to the answer seen first."""
+    counts = Counter(a for a in answers if a is not None)
+    if not counts:
+        return None
+    best = counts.most_common(1)[0][0]
+    return answers.index(best)
+
+
+def readouts(answers: Sequence[str | None], correct: Sequence[bool]) -> dict[str, float]:
+    """Mean correctness, majority-vote correctness and pass@N of one population."""
+    winner = majority_index(answers)
+    return {
+        "mean": sum(correct) / len(correct),
+        "majority": float(winner is not None and correct[winner]),
+        "pass_at_n": float(any(correct)),
+    }
