@@ -2,7 +2,7 @@
 alternative: continue the warmup (SFT) from the same warmup checkpoint for as long as the RL
 stage trained, then evaluate on the same held-out set.
 
-    python -m benchmarks.warmup_vs_rl [--recipe recipes/tiny.yaml] [--out benchmarks/results]
+    python -m benchmarks.warmup_vs_rl [--recipe recipes/tiny.yaml] [--out benchmarks/results] [--run runs/tiny]
 
 Prints a table and writes warmup_vs_rl.json. Both runs go through `zaya-rl run`.
 """
@@ -34,14 +34,19 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--recipe", type=Path, default=Path("recipes/tiny.yaml"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--run", type=Path, help="a finished run of the recipe (e.g. the default job's "
+                        "runs/tiny) to compare against, instead of running it again")
     args = parser.parse_args()
     recipe = load_recipe(args.recipe)
     warmup = next(s for s in recipe.stages if isinstance(s, SftStage))
     rl = next(s for s in recipe.stages if isinstance(s, RlStage))
     args.out.mkdir(parents=True, exist_ok=True)
 
-    main_dir = args.out / "runs" / "warmup_then_rl"
-    with_rl = run(args.recipe, main_dir)
+    if args.run is not None:
+        with_rl = json.loads((args.run / "summary.json").read_text())
+        with_rl["job_seconds"] = None
+    else:
+        with_rl = run(args.recipe, args.out / "runs" / "warmup_then_rl")
     rl_seconds = with_rl["stages"][rl.name]["train_seconds"]
 
     baseline = recipe.model_dump(mode="json")

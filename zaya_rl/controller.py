@@ -102,7 +102,6 @@ class Controller:
         init_ray()
         self.position = Position()
         self.summary: dict = {"recipe": recipe.name, "seed": recipe.seed, "stages": {}, "recoveries": []}
-        self.metrics = MetricsSink(self.run_dir, recipe.metrics, recipe.name, recipe.model_dump(mode="json"))
         self.eval_tasks = held_out(recipe.tasks.generator, recipe.eval.levels, recipe.eval.num_problems)
         self.stream = TaskStream(recipe.tasks.generator, recipe.seed,
                                  exclude=frozenset(t.prompt for t in self.eval_tasks))
@@ -110,18 +109,32 @@ class Controller:
         self.recent_rollouts: deque[tuple[Task, list[Completion]]] = deque(maxlen=256)
         self.rng = random.Random(recipe.seed)
         resumed = checkpoint.latest(self.run_dir) if resume else None
+        if resumed is None:
+            if resume:
+                print(f"zaya-rl: no complete checkpoint under {checkpoint.checkpoint_dir(self.run_dir)}; starting anew")
+            self._archive_earlier_run()
+        self.metrics = MetricsSink(self.run_dir, recipe.metrics, recipe.name, recipe.model_dump(mode="json"))
         if resumed is not None:
             self.model_path = self._restore(resumed)
             print(f"zaya-rl: resuming from {resumed} (stage {self.position.stage_index}, step {self.position.step})")
         else:
-            if resume:
-                print(f"zaya-rl: no complete checkpoint under {checkpoint.checkpoint_dir(self.run_dir)}; starting anew")
-            self.metrics.rewind(0)
             self.model_path = Path(init_from) if init_from else self._prepare_model()
             if start_stage is not None:
                 self.position.stage_index = [s.name for s in recipe.stages].index(start_stage)
         self.tokenizer = load_tokenizer(self.model_path)
         self._start_workers(self.model_path, resumed)
+
+    def _archive_earlier_run(self) -> None:
+        """A new run in a directory that holds an earlier one moves that run's checkpoints and
+        metrics aside (into previous-<time>/) rather than mixing with or deleting them."""
+        earlier = [self.run_dir / name for name in ("checkpoints", "metrics.jsonl", "summary.json")
+                   if (self.run_dir / name).exists()]
+        if earlier:
+            archive = self.run_dir / time.strftime("previous-%Y%m%d-%H%M%S")
+            archive.mkdir()
+            for path in earlier:
+                path.rename(archive / path.name)
+            print(f"zaya-rl: {self.run_dir} held an earlier run; moved its checkpoints and metrics to {archive}")
 
     def _prepare_model(self) -> Path:
         if self.recipe.model.path is not None:
