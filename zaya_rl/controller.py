@@ -336,7 +336,8 @@ class Controller:
         """Generate and score groups of samples. With dynamic sampling (DAPO) only groups whose
         rewards differ are kept, and new prompts are drawn, up to `max_sampling_rounds` rounds,
         until `prompts_per_step` groups are kept. Returns the kept groups, their (shaped)
-        rewards (groups, group_size), and what was seen: mean correctness, groups, mean length, aggregation prompts.
+        rewards (groups, group_size), and what was seen: mean correctness, groups sampled,
+        mean length, aggregation prompts.
         """
         cfg = stage.algorithm
         kept_groups: list[list[Completion]] = []

@@ -187,9 +187,11 @@ class DeepSpeedConfig(StrictModel):
 class CheckpointConfig(StrictModel):
     """Run checkpoints (model, optimizer, curriculum, data position, step counters)."""
 
-    every_steps: int = Field(50, ge=1, description="write one every this many steps of any stage, and at each stage's end")
+    every_steps: int = Field(50, ge=1, description="write one every this many steps of any stage, "
+                             "and one at each stage's end")
     keep_last: int = Field(2, ge=1, description="older complete checkpoints are deleted")
-    max_recoveries: int = Field(2, ge=0, description="times a run restores its last checkpoint by itself after an actor it cannot replace died")
+    max_recoveries: int = Field(2, ge=0, description="times a run restores its last checkpoint by itself "
+                                "after an actor that Ray cannot replace (a learner) died")
 
 
 class MetricsConfig(StrictModel):
