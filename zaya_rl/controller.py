@@ -329,6 +329,7 @@ class Controller:
             "reward": seen["correct"], "level": curriculum.level, "pass_rate": curriculum.pass_rate(),
             "kept_groups": len(groups), "sampled_groups": seen["groups"], "response_tokens": seen["tokens"],
             "aggregation_prompts": seen["aggregated"],
+            **{f"verifier_{k}": v for k, v in self.verifiers.stats().items()},  # totals: deaths, timeouts
             "lr": lr_at(stage, step), **{k: v for k, v in stats.items() if isinstance(v, float | int)},
         }
 
@@ -409,13 +410,17 @@ class Controller:
         workers = self.rollouts
         size = -(-len(prompts) // len(workers))
         while True:
+            start = time.perf_counter()
             refs = [w.generate.remote(prompts[i * size:(i + 1) * size], n, temperature, max_tokens, seed)
                     for i, w in enumerate(workers) if prompts[i * size:(i + 1) * size]]
             groups = [group for chunk in ray.get(refs) for group in chunk]
             if all(v == self.weights_version for v in ray.get([w.version.remote() for w in workers])):
                 return groups
-            print("zaya-rl: a rollout worker restarted with stale weights; syncing and generating again")
             self.sync_weights()
+            event = {"error": "a rollout worker restarted (Ray) and generated on stale weights",
+                     "recovery_seconds": time.perf_counter() - start}
+            self.metrics.log("_recovery", self.position.global_step, event)
+            print(f"zaya-rl: {event['error']}; weights pushed again, generating the batch again")
 
     def sync_weights(self) -> None:
         self.weights_version += 1

@@ -50,6 +50,12 @@ def test_restarted_actor_retries_its_work(tmp_path, actor_class, method):
     finally:
         stop(proc)
     assert summary["recoveries"] == []  # Ray itself replaced the actor: no checkpoint restore
+    rl = [r for r in records(run_dir) if r["stage"] == "rl" and "reward" in r]
+    if actor_class == "RolloutWorker":  # its retried call ran on the initial weights: redone
+        [event] = [r for r in records(run_dir) if r["stage"] == "_recovery"]
+        assert event["recovery_seconds"] > 0
+    else:  # the pool retried the chunk on the restarted actor instead of scoring it "died"
+        assert rl[-1]["verifier_num_failures"] == 0
 
 
 def test_dead_learner_resumes_from_the_last_checkpoint(tmp_path):
