@@ -33,10 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "eval":
         return eval_command(args)
 
-    try:
-        recipe = load_recipe(args.recipe)
-    except RecipeError as err:
-        print(f"zaya-rl: invalid recipe\n{err}", file=sys.stderr)
+    recipe = load_or_report(args.recipe)
+    if recipe is None:
         return 2
     if args.command == "validate":
         print(f"{args.recipe}: ok ({len(recipe.stages)} stages)")
@@ -68,6 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def load_or_report(path: str):
+    """The recipe, or None after printing why it cannot be run (the caller exits with 2)."""
+    try:
+        return load_recipe(path)
+    except RecipeError as err:
+        print(f"zaya-rl: invalid recipe\n{err}", file=sys.stderr)
+        return None
+
+
 def add_eval_parser(sub) -> None:
     ev = sub.add_parser("eval", help="evaluate a checkpoint: Markovian RSA vs sampling and majority vote")
     ev.add_argument("--checkpoint", type=Path, help="checkpoint directory (with --recipe: default RUN_DIR/final)")
@@ -96,10 +103,8 @@ def eval_command(args) -> int:
 
     recipe = None
     if args.recipe:
-        try:
-            recipe = load_recipe(args.recipe)
-        except RecipeError as err:
-            print(f"zaya-rl: invalid recipe\n{err}", file=sys.stderr)
+        recipe = load_or_report(args.recipe)
+        if recipe is None:
             return 2
     checkpoint = args.checkpoint or (recipe.run_dir / "final" if recipe else None)
     if checkpoint is None or not (checkpoint / "config.json").is_file():

@@ -16,7 +16,8 @@ class MetricsSink:
     def __init__(self, run_dir: Path, cfg: MetricsConfig, run_name: str, config: dict):
         self.path = run_dir / "metrics.jsonl"
         self.file = self.path.open("a")
-        self.num_records = sum(1 for _ in self.path.open()) if self.path.stat().st_size else 0
+        with self.path.open() as existing:
+            self.num_records = sum(1 for _ in existing)
         self.gauges: dict[str, object] = {}
         self.wandb = None
         if cfg.wandb_project:
