@@ -1,6 +1,6 @@
 """Does Markovian RSA keep the engine as busy as plain generation, and does its prompt stay flat?
 
-    python -m benchmarks.rsa_throughput [--out benchmarks/results]
+    python -m benchmarks.rsa_throughput [--quick] [--out benchmarks/results]
 
 On one vLLM engine (in-process; an untrained tiny MoE as in tests/conftest.py: throughput does
 not depend on what the weights know):
@@ -18,7 +18,7 @@ is the prefill of its longer prompts, so the ratio falls as the prompt grows pas
 (β = 24 with a 99-token prompt measured about 0.7 here). N·problems = 256 = vLLM's CPU
 max_num_seqs, so every call fills the engine (on CPU a decode step of this model costs about
 the same for 32 sequences as for 256, so a smaller batch would lose throughput to its size,
-not to RSA). Prints a table and writes rsa_throughput.json.
+not to RSA); --quick: 16 problems, T = 2. Prints a table and writes rsa_throughput.json.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ from zaya_rl.recipe import TinyModelConfig
 from zaya_rl.rsa import RsaConfig, run_rsa
 from zaya_rl.tasks import TaskStream, held_out
 
-NUM_PROBLEMS = 32
+NUM_PROBLEMS, ROUNDS = 32, 3
+QUICK_NUM_PROBLEMS, QUICK_ROUNDS = 16, 2
 
 
 def paired_rsa(rollout: Rollout, questions: list[str], cfg: RsaConfig) -> dict:
@@ -70,10 +71,12 @@ def _ratio(r: dict, seconds: str) -> float:
     return (r["generated_tokens"] / r[seconds]) / (r["plain_generated_tokens"] / r[f"plain_{seconds}"])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    num_problems, rounds = (QUICK_NUM_PROBLEMS, QUICK_ROUNDS) if args.quick else (NUM_PROBLEMS, ROUNDS)
 
     model_cfg = TinyModelConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32,
                                 num_experts=4, experts_per_token=2, moe_intermediate_size=64)
@@ -83,8 +86,8 @@ def main() -> None:
     checkpoint = build_checkpoint(model_cfg, corpus, Path(tmp.name) / "tiny", seed=0)
     rollout = Rollout("vllm", str(checkpoint), seed=0, max_model_len=model_cfg.max_position_embeddings,
                       torch_threads=2)
-    questions = [t.prompt for t in held_out("chain_sum", [1, 2], NUM_PROBLEMS)]
-    markov = RsaConfig(population=8, tails=4, rounds=3, budget=64, tail_tokens=8, temperature=1.0)
+    questions = [t.prompt for t in held_out("chain_sum", [1, 2], num_problems)]
+    markov = RsaConfig(population=8, tails=4, rounds=rounds, budget=64, tail_tokens=8, temperature=1.0)
     full = replace(markov, tail_tokens=markov.budget)
     samples = markov.population * (markov.rounds + 1)
 
@@ -96,7 +99,7 @@ def main() -> None:
                 "seconds": sum(r.seconds for r in full_result.rounds),
                 "rounds": [asdict(r) for r in full_result.rounds]}
 
-    print(f"\n{NUM_PROBLEMS} problems, N={markov.population} C={markov.tails} T={markov.rounds} "
+    print(f"\n{num_problems} problems, N={markov.population} C={markov.tails} T={markov.rounds} "
           f"beta={markov.budget}; each round paired with a plain call of {markov.population} samples/question")
     print(f"{'round':>5} {'longest prompt':>14} {'gen tok':>8} {'plain tok':>9} {'s':>6} {'plain s':>7} "
           f"{'cpu s':>6} {'plain cpu s':>11} {'ratio wall':>10} {'ratio cpu':>9}   "
@@ -116,10 +119,11 @@ def main() -> None:
     print(f"{'all':>5} {'':24} {markov_run['seconds']:11.2f} {'':22} {full_run['seconds']:9.2f}")
 
     args.out.mkdir(parents=True, exist_ok=True)
-    report = {"num_problems": NUM_PROBLEMS, "model": model_cfg.model_dump(), "markov_config": asdict(markov),
+    report = {"num_problems": num_problems, "model": model_cfg.model_dump(), "markov_config": asdict(markov),
               "full_config": asdict(full), "markov": markov_run, "full": full_run}
     (args.out / "rsa_throughput.json").write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out / 'rsa_throughput.json'}")
+    return report
 
 
 if __name__ == "__main__":

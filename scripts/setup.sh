@@ -25,6 +25,8 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
         "${pip[@]}" -e ".[cpu,test]"
         "$PY" -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
     fi
+    # The benchmarks' extra, on its own: pip keeps what is installed when it satisfies TRL.
+    "${pip[@]}" -e ".[bench]"
     # DeepSpeed JIT-compiles its shared-memory comm op on first use (~60 s): do it now,
     # once, so that a run's wall time is the run's.
     "$PY" -m zaya_rl.prebuild

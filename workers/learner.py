@@ -1,8 +1,9 @@
 """The learner: a DeepSpeed engine around the Hugging Face policy, and its Ray shell.
 
 `Learner` is a plain class (no Ray needed) that owns one data-parallel rank: it joins the
-torch.distributed group, wraps the fp32 transformers model in DeepSpeed (ZeRO 0/1/2, torch
-AdamW, gradient clipping) and runs SFT and RL updates on batches of `Sequence`s; the RL loss,
+torch.distributed group, wraps the transformers model in DeepSpeed (ZeRO 0-3, torch AdamW,
+gradient clipping; fp32 by default, optionally bf16, activation checkpointing and regional
+torch.compile: `DeepSpeedConfig`) and runs SFT and RL updates on batches of `Sequence`s; the RL loss,
 aggregation, importance correction and KL are the recipe's `AlgorithmConfig` (algorithms.py).
 The controller owns the learning-rate schedule and passes `lr` into every step.
 
@@ -22,10 +23,12 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import ray
 import torch
 
 from zaya_rl.recipe import AlgorithmConfig, DeepSpeedConfig
+from zaya_rl.router_replay import replay_routing, routing_mismatch
 
 # Files of a checkpoint directory that hold weights; everything else save() does not write
 # itself (tokenizer files, chat template) is copied over from the source checkpoint.
@@ -40,6 +43,10 @@ class Sequence:
     completion_ids: list[int]
     advantage: float = 0.0
     old_logprobs: list[float] | None = None  # the rollout engine's, one per completion token
+    # The experts the engine routed each token to, (tokens, moe_layers, top_k), from the first
+    # token on (the last sampled one may be missing: the engine never ran it): the learner's
+    # forward passes replay them (zaya_rl/router_replay.py).
+    routed_experts: np.ndarray | None = None
 
 
 @dataclass
@@ -50,6 +57,7 @@ class _Tensors:
     targets: torch.Tensor         # (B, C) completion token ids
     mask: torch.Tensor            # (B, C) 1.0 on real completion tokens
     advantages: torch.Tensor      # (B,)
+    routed_experts: torch.Tensor | None = None  # (B * T, layers, top_k), -1: the model's own routing
 
 
 def collate(batch: list[Sequence], pad_id: int, device: torch.device) -> _Tensors:
@@ -77,7 +85,23 @@ def collate(batch: list[Sequence], pad_id: int, device: torch.device) -> _Tensor
         targets=torch.tensor(targets, **long),
         mask=torch.tensor(mask, dtype=torch.float32, device=device),
         advantages=torch.tensor([s.advantage for s in batch], dtype=torch.float32, device=device),
+        routed_experts=_collate_experts(batch, width, device),
     )
+
+
+def _collate_experts(batch: list[Sequence], width: int, device: torch.device) -> torch.Tensor | None:
+    """The sequences' replayed experts laid out like the input tokens, -1 where none."""
+    given = [s.routed_experts for s in batch if s.routed_experts is not None]
+    if not given:
+        return None
+    if len(given) != len(batch):
+        raise ValueError("routed_experts must be given for every sequence of a batch or for none")
+    out = torch.full((len(batch), width, *given[0].shape[1:]), -1, dtype=torch.long)
+    for i, s in enumerate(batch):
+        if len(s.routed_experts) > len(s.prompt_ids) + len(s.completion_ids):
+            raise ValueError("routed_experts has more rows than the sequence has tokens")
+        out[i, :len(s.routed_experts)] = torch.from_numpy(s.routed_experts.astype(np.int64))
+    return out.flatten(0, 1).to(device)
 
 
 def completion_logprobs(logits: torch.Tensor, t: _Tensors, temperature: float = 1.0) -> torch.Tensor:
@@ -103,8 +127,59 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def engine_config(ds: DeepSpeedConfig) -> dict:
+    return {
+        # We feed each rank's whole shard as one padded micro-batch and step after it.
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": ds.grad_clip,
+        "zero_optimization": {"stage": ds.zero_stage},
+        "zero_allow_untested_optimizer": True,  # torch AdamW under ZeRO
+        "bf16": {"enabled": ds.bf16},
+        "steps_per_print": 2**31 - 1,
+    }
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each decoder layer in the backward pass instead of keeping its activations."""
+    dropout = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+    if getattr(model.config, "attention_dropout", 0.0) or dropout:
+        raise ValueError("activation checkpointing needs a model without dropout")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # transformers checkpoints only modules in training mode; without dropout (checked above)
+    # training mode computes exactly what prepare_policy's eval mode does.
+    model.train()
+
+
+def compile_decoder_layers(model) -> None:
+    """Regional torch.compile: the decoder layers share their code, so all reuse one layer's graphs.
+
+    It fuses the norms, rotary and SwiGLU elementwise work that otherwise runs as many
+    memory-bound kernels (benchmarks/learner_gpu.py: about 2x the step rate on an H200).
+    """
+    # A guard that tells layers apart compiles once per layer; past the default limit of 8 the
+    # remaining layers would silently run eager: allow them all.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                               4 * len(model.model.layers))
+    for layer in model.model.layers:
+        layer.compile()
+
+
+def mark_moe_leaf_modules(model) -> None:
+    """ZeRO-3 gathers a module's parameters when its forward starts; an expert that receives
+    no tokens on one rank is never entered there, and the ranks' all-gathers then wait on each
+    other forever. As leaf modules, the sparse MoE blocks gather all their experts at once.
+    """
+    from deepspeed.utils import set_z3_leaf_modules
+
+    blocks = {type(m) for m in model.modules() if type(m).__name__.endswith("SparseMoeBlock")}
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no sparse MoE block to mark for ZeRO-3")
+    set_z3_leaf_modules(model, list(blocks))
+
+
 class Learner:
-    """One data-parallel rank: a DeepSpeed engine over the fp32 transformers model."""
+    """One data-parallel rank: a DeepSpeed engine over the transformers model."""
 
     def __init__(self, model_path: str, ds: DeepSpeedConfig, rank: int = 0, world_size: int = 1,
                  master_addr: str = "127.0.0.1", master_port: int = 29500, torch_threads: int = 1,
@@ -122,16 +197,16 @@ class Learner:
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
 
         model = prepare_policy(load_model(model_path))
-        optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=ds.weight_decay)
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config={
-            # We feed each rank's whole shard as one padded micro-batch and step after it.
-            "train_micro_batch_size_per_gpu": 1,
-            "gradient_accumulation_steps": 1,
-            "gradient_clipping": ds.grad_clip,
-            "zero_optimization": {"stage": ds.zero_stage},
-            "zero_allow_untested_optimizer": True,  # torch AdamW under ZeRO
-            "steps_per_print": 2**31 - 1,
-        })
+        if ds.activation_checkpointing:
+            enable_activation_checkpointing(model)
+        if ds.compile:
+            compile_decoder_layers(model)
+        if ds.zero_stage == 3:
+            mark_moe_leaf_modules(model)
+        # fused: one kernel for all parameters instead of a few per tensor (CUDA only here).
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=ds.weight_decay,
+                                      fused=True if on_gpu else None)
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=engine_config(ds))
         self.model_path = str(model_path)
         # Tokenizer and other non-weight files, kept in memory: save() writes them beside the
         # weights even after the source directory (an old run checkpoint) has been pruned.
@@ -150,17 +225,21 @@ class Learner:
     # --- updates --------------------------------------------------------------------------
 
     def sft_step(self, batch: list[Sequence], lr: float) -> dict:
-        """One optimizer step of next-token NLL on the completion tokens (EOS included)."""
+        """One optimizer step of next-token NLL on the completion tokens (EOS included).
+        expert_load as in rl_step."""
         from zaya_rl.algorithms import sft_loss
 
         t = collate(batch, self.pad_id, self.device)
         # use_cache=False everywhere: a training forward needs no KV cache, and filling one costs
         # memory and makes torch.compile build one graph per layer (benchmarks/learner_gpu.py).
-        logits = self.engine(input_ids=t.input_ids, attention_mask=t.attention_mask, use_cache=False).logits
-        logprobs = completion_logprobs(logits, t)
+        out = self.engine(input_ids=t.input_ids, attention_mask=t.attention_mask,
+                          output_router_logits=True, use_cache=False)
+        logprobs = completion_logprobs(out.logits, t)
         loss = sft_loss(logprobs, t.mask) * self._token_share(t.mask)  # a mean over all ranks' tokens
         grad_norm = self._backward_and_step(loss, lr)
-        return {"loss": float(loss.detach()), "tokens": int(t.mask.sum()), "grad_norm": grad_norm}
+        load = self._routed_counts(out.router_logits, t.attention_mask) / float(t.attention_mask.sum())
+        return {"loss": float(loss.detach()), "tokens": int(t.mask.sum()), "grad_norm": grad_norm,
+                "expert_load": load.tolist()}
 
     def rl_step(self, batch: list[Sequence], lr: float, algorithm: AlgorithmConfig,
                 minibatches: int = 1, temperature: float = 1.0) -> dict:
@@ -177,8 +256,10 @@ class Learner:
         `temperature` must match the distribution old_logprobs describe: vLLM's
         "processed_logprobs" are at the sampling temperature, its "raw_logprobs" at 1.
         expert_load[layer][e] is the fraction of (non-pad) tokens routed to expert e, so a
-        row sums to experts_per_token. The router's load-balancing loss is reported, not
-        trained on: the policy loss stays exactly the algorithm's objective.
+        row sums to experts_per_token. The router's load-balancing loss (router_aux_loss) is
+        added to the loss times `router_aux_loss_coef`, only reported at 0. Sequences with
+        `routed_experts` are routed as the engine routed them (zaya_rl/router_replay.py);
+        routing_mismatch is then the share of (token, layer) pairs whose own top-k differs.
         """
         from zaya_rl.algorithms import POLICY_LOSSES, aggregate, kl_penalty, tis_weights
 
@@ -202,26 +283,31 @@ class Learner:
         routed = torch.zeros(self.engine.module.config.num_hidden_layers, self.num_experts)
         routed_tokens, mismatch = 0.0, 0.0
         for index, (t, engine) in enumerate(zip(parts, engine_logprobs)):
-            out = self.engine(input_ids=t.input_ids, attention_mask=t.attention_mask,
-                              output_router_logits=True, use_cache=False)
-            logprobs = completion_logprobs(out.logits, t, temperature)
-            if index == 0:  # before any update: how far the engine is from the learner
-                mismatch = float(((logprobs.detach() - engine).abs() * t.mask).sum() / t.mask.sum())
-            old = learner_logprobs[index] if use_tis else engine
-            token_loss, info = loss_fn(logprobs, old, t.advantages, t.mask, algorithm)
-            if use_tis:
-                weights = tis_weights(old, engine, algorithm.tis_cap)
-                token_loss = token_loss * weights
-                stats.setdefault("tis_weight", []).append(float((weights * t.mask).sum() / t.mask.sum()))
-            loss = aggregate(token_loss, t.mask, algorithm.loss_aggregation, algorithm.loss_constant)
-            if algorithm.kl_coef > 0:
-                kl_tokens = kl_penalty(logprobs, self._reference_logprobs(t, temperature), algorithm.kl_estimator)
-                kl = aggregate(kl_tokens, t.mask, algorithm.loss_aggregation, algorithm.loss_constant)
-                loss = loss + algorithm.kl_coef * kl
-                stats.setdefault("kl", []).append(float(kl.detach()))
-            if algorithm.loss_aggregation == "token_mean":
-                loss = loss * self._token_share(t.mask)
-            stats["grad_norm"].append(self._backward_and_step(loss, lr))
+            with replay_routing(self.engine.module, t.routed_experts):  # backward too: recomputation
+                out = self.engine(input_ids=t.input_ids, attention_mask=t.attention_mask,
+                                  output_router_logits=True, use_cache=False)
+                logprobs = completion_logprobs(out.logits, t, temperature)
+                if index == 0:  # before any update: how far the engine is from the learner
+                    mismatch = float(((logprobs.detach() - engine).abs() * t.mask).sum() / t.mask.sum())
+                    if t.routed_experts is not None:
+                        stats["routing_mismatch"] = [routing_mismatch(out.router_logits, t.routed_experts)]
+                old = learner_logprobs[index] if use_tis else engine
+                token_loss, info = loss_fn(logprobs, old, t.advantages, t.mask, algorithm)
+                if use_tis:
+                    weights = tis_weights(old, engine, algorithm.tis_cap)
+                    token_loss = token_loss * weights
+                    stats.setdefault("tis_weight", []).append(float((weights * t.mask).sum() / t.mask.sum()))
+                loss = aggregate(token_loss, t.mask, algorithm.loss_aggregation, algorithm.loss_constant)
+                if algorithm.kl_coef > 0:
+                    kl_tokens = kl_penalty(logprobs, self._reference_logprobs(t, temperature), algorithm.kl_estimator)
+                    kl = aggregate(kl_tokens, t.mask, algorithm.loss_aggregation, algorithm.loss_constant)
+                    loss = loss + algorithm.kl_coef * kl
+                    stats.setdefault("kl", []).append(float(kl.detach()))
+                if algorithm.loss_aggregation == "token_mean":
+                    loss = loss * self._token_share(t.mask)
+                if algorithm.router_aux_loss_coef > 0:  # each rank's own balance; DeepSpeed averages ranks
+                    loss = loss + algorithm.router_aux_loss_coef * out.aux_loss
+                stats["grad_norm"].append(self._backward_and_step(loss, lr))
             stats["loss"].append(float(loss.detach()))
             stats["clip_fraction"].append(info["clip_fraction"])
             stats["router_aux_loss"].append(float(out.aux_loss.detach()))
@@ -245,19 +331,23 @@ class Learner:
         """Full fp32 CPU weights under the transformers module's parameter names.
 
         ZeRO 0/1/2 partition only gradients and optimizer state: after every step each rank
-        holds all parameters, so any rank can answer; rank 0 is the one asked.
+        holds all parameters, so any rank can answer; rank 0 is the one asked. ZeRO-3
+        partitions the parameters too: every rank must call this (the gather is collective),
+        and ranks other than 0 get {}.
         """
-        return {k: v.detach().to("cpu", copy=True) for k, v in self.engine.module.state_dict().items()}
+        state = self._full_state_dict()
+        return {} if self.zero_stage == 3 and self.rank != 0 else state
 
     def save(self, path: str) -> None:
         """Rank 0 writes an HF checkpoint directory (weights, config, tokenizer) atomically."""
+        state = self.state_dict()  # under ZeRO-3 a collective: every rank calls save
         if self.rank != 0:
             return
         path = str(path)
         tmp = path + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         # Copies, not the live parameters: ZeRO makes them views into one flat buffer.
-        self.engine.module.save_pretrained(tmp, state_dict=self.state_dict())
+        self.engine.module.save_pretrained(tmp, state_dict=state)
         for name, data in self.side_files.items():
             if not os.path.exists(os.path.join(tmp, name)):
                 Path(tmp, name).write_bytes(data)
@@ -297,7 +387,8 @@ class Learner:
 
     @torch.no_grad()
     def _logprobs(self, t: _Tensors, temperature: float) -> torch.Tensor:
-        logits = self.engine(input_ids=t.input_ids, attention_mask=t.attention_mask, use_cache=False).logits
+        with replay_routing(self.engine.module, t.routed_experts):
+            logits = self.engine(input_ids=t.input_ids, attention_mask=t.attention_mask, use_cache=False).logits
         return completion_logprobs(logits, t, temperature)
 
     @torch.no_grad()
@@ -307,10 +398,19 @@ class Learner:
 
         if self.reference is None:  # from memory: the source checkpoint may have been pruned
             self.reference = prepare_policy(AutoModelForCausalLM.from_config(self.engine.module.config))
-            self.reference.load_state_dict(self.engine.module.state_dict())
+            self.reference.load_state_dict(self._full_state_dict())
             self.reference.to(self.device).requires_grad_(False)
-        logits = self.reference(input_ids=t.input_ids, attention_mask=t.attention_mask, use_cache=False).logits
+        with replay_routing(self.reference, t.routed_experts):
+            logits = self.reference(input_ids=t.input_ids, attention_mask=t.attention_mask, use_cache=False).logits
         return completion_logprobs(logits, t, temperature)
+
+    def _full_state_dict(self) -> dict[str, torch.Tensor]:
+        """fp32 CPU copies of all weights on this rank; under ZeRO-3 a collective gather."""
+        import deepspeed
+
+        module = self.engine.module
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), enabled=self.zero_stage == 3):
+            return {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in module.state_dict().items()}
 
     def _token_share(self, mask: torch.Tensor) -> float:
         """This rank's tokens times world_size over all ranks' tokens: scaling a token mean by
@@ -386,6 +486,7 @@ class LearnerGroup:
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         self.num_workers = num_workers
+        self.zero_stage = ds.zero_stage
         port = free_port()
         # Created together: each rank's init_distributed waits until all ranks have joined.
         self.workers = [
@@ -407,17 +508,17 @@ class LearnerGroup:
                                for w, s in zip(self.workers, shards)]))
 
     def logprobs(self, batch: list[Sequence], temperature: float = 1.0) -> list[list[float]]:
-        return ray.get(self.workers[0].logprobs.remote(batch, temperature))
+        return ray.get(self._rank0_calls("logprobs", batch, temperature))[0]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return ray.get(self.state_dict_ref())
 
     def state_dict_ref(self) -> ray.ObjectRef:
         """Rank 0's weights as an object ref: rollout workers fetch them from the object store."""
-        return self.workers[0].state_dict.remote()
+        return self._rank0_calls("state_dict")[0]
 
     def save(self, path: str) -> None:
-        ray.get(self.workers[0].save.remote(str(path)))
+        ray.get(self._rank0_calls("save", str(path)))
 
     def save_state(self, path: str) -> None:
         """Every rank writes its own optimizer partition (one shared directory, one node)."""
@@ -430,6 +531,12 @@ class LearnerGroup:
         for worker in self.workers:
             ray.kill(worker)
         self.workers = []
+
+    def _rank0_calls(self, method: str, *args) -> list[ray.ObjectRef]:
+        """Calls for a rank-0 answer, rank 0's first. Under ZeRO-3 every rank must call too: each
+        holds a part of the parameters, and rank 0's forward pass or gather needs all of them."""
+        workers = self.workers if self.zero_stage == 3 else self.workers[:1]
+        return [getattr(w, method).remote(*args) for w in workers]
 
     def _shards(self, batch: list[Sequence]) -> list[list[Sequence]]:
         if len(batch) % self.num_workers:
@@ -444,7 +551,8 @@ def _merge(stats: list[dict]) -> dict:
     mean is the full-batch loss); the other means weigh every rank equally.
     """
     out = dict(stats[0])
-    for key in ("loss", "clip_fraction", "mean_abs_logprob_diff", "router_aux_loss", "tis_weight", "kl"):
+    for key in ("loss", "clip_fraction", "mean_abs_logprob_diff", "router_aux_loss", "tis_weight", "kl",
+                "routing_mismatch"):
         if key in out:
             out[key] = _mean([s[key] for s in stats])
     out["tokens"] = sum(s["tokens"] for s in stats)

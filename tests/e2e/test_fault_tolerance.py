@@ -104,4 +104,4 @@ def test_killed_driver_resumes_with_the_same_curriculum(tmp_path):
     [resumed] = [r for r in records(run_dir) if r["stage"] == "_resume"]
     assert resumed["position"] == state["position"]
     assert resumed["curriculum"] == state["curriculum"]
-    assert resumed["stream"] == state["stream"]
+    assert resumed["data"] == state["data"]

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from workers.learner import Learner, Sequence, free_port
+from workers.learner import Learner, Sequence, free_port, prepare_policy
 from zaya_rl.algorithms import group_advantages
 from zaya_rl.models import load_model, load_tokenizer
 from zaya_rl.recipe import AlgorithmConfig, DeepSpeedConfig
@@ -69,6 +70,8 @@ def test_sft_memorises_a_fixed_batch(checkpoint, batch, zero_stage):
     stats = learner.sft_step(batch, lr=1e-2)
     assert stats["tokens"] == sum(len(s.completion_ids) for s in batch)
     assert stats["grad_norm"] > 0
+    load = torch.tensor(stats["expert_load"])  # top-2: each layer's fractions sum to 2
+    torch.testing.assert_close(load.sum(1), torch.full((load.shape[0],), 2.0))
 
 
 def test_rl_step_on_policy_and_direction(checkpoint, config, batch):
@@ -192,3 +195,30 @@ def test_every_loss_and_advantage_for_two_steps(shared_learner, batch):
         for _ in range(2):  # the second step's old log-probs are one update stale
             stats = learner.rl_step(seqs, lr=1e-3, algorithm=algorithm)
             assert math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"]), (name, advantage, stats)
+
+
+def test_router_replay_and_the_balancing_loss(checkpoint, batch):
+    """Replayed routing equal to the learner's own changes nothing; the balancing loss joins the
+    loss and moves the routers, not lm_head. (tests/unit/test_router_replay.py: the rest.)"""
+    seqs = with_advantages(batch[:4], [1.0, -1.0, 1.0, -1.0])
+    model = prepare_policy(load_model(checkpoint))
+    for seq in seqs:  # the model's own routing, as an fp32 engine reports it (no row for the last token)
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([seq.prompt_ids + seq.completion_ids]), output_router_logits=True)
+        own = torch.stack([layer.topk(2, dim=-1).indices for layer in out.router_logits], dim=1)
+        seq.routed_experts = own[:-1].numpy().astype(np.int16)
+    # No clipping: it would scale every gradient by the norm, the balancing term's included.
+    learners = [Learner(checkpoint, DeepSpeedConfig(grad_clip=1e6), master_port=free_port(), torch_threads=2)
+                for _ in range(2)]
+    for seq, logprobs in zip(seqs, learners[0].logprobs(seqs)):
+        seq.old_logprobs = logprobs
+    plain = learners[0].rl_step(seqs, lr=1e-2, algorithm=AlgorithmConfig(router_replay=True))
+    assert plain["mean_abs_logprob_diff"] < 1e-5 and plain["routing_mismatch"] == 0.0
+    balanced = learners[1].rl_step(seqs, lr=1e-2, algorithm=AlgorithmConfig(router_replay=True,
+                                                                              router_aux_loss_coef=10.0))
+    assert balanced["loss"] == pytest.approx(plain["loss"] + 10.0 * plain["router_aux_loss"], rel=1e-4)
+    assert balanced["grad_norm"] != pytest.approx(plain["grad_norm"], rel=1e-3)
+    after = [learner.state_dict() for learner in learners]
+    routers = [k for k in after[0] if k.endswith("mlp.gate.weight")]
+    assert routers and all(not torch.allclose(after[0][k], after[1][k]) for k in routers)
+    torch.testing.assert_close(after[0]["lm_head.weight"], after[1]["lm_head.weight"])  # no aux gradient there

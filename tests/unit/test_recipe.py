@@ -1,10 +1,12 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from zaya_rl.recipe import RecipeError, RlStage, SftStage, load_recipe
+from zaya_rl.recipe import CHAIN_SUM_LEVELS, Recipe, RecipeError, RlStage, SftStage, dump_recipe, load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -64,3 +66,94 @@ def test_cli_exit_code_2_and_nothing_started(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "zaya_rl.cli", "run", str(tmp_path / "nope.yaml")],
                              capture_output=True, text=True)
     assert missing.returncode == 2 and "not found" in missing.stderr
+
+
+def test_old_task_fields_are_the_one_source_case():
+    recipe = load_recipe(ROOT / "recipes/tiny.yaml")
+    [source] = recipe.data.sources
+    assert (source.kind, source.name, source.generator) == ("gym", "chain_sum", "chain_sum")
+    assert source.level_settings() == list(CHAIN_SUM_LEVELS[:recipe.tasks.max_level + 1])
+    assert all(recipe.data_for(stage) == recipe.data for stage in recipe.stages)
+    # The resolved recipe (`zaya-rl show`, recipe.resolved.yaml) loads back to the same recipe.
+    assert Recipe.model_validate(yaml.safe_load(dump_recipe(recipe))) == recipe
+
+
+MIXTURE = """name: x
+data:
+  sources:
+    - {kind: gym, name: sums, generator: chain_sum, weight: 2}
+    - {kind: file, name: mine, path: "${ZR_TEST_UNSET}/m.jsonl", fields: {solution: worked}}
+stages:
+  - {name: a, kind: sft, steps: 1, lr: 0.1, levels: [4]}
+  - name: b
+    kind: rl
+    steps: 1
+    lr: 0.1
+    curriculum: {start_level: probe, adaptive: false}
+    data:
+      filter: {samples: 4, max_pass_rate: 0.75}
+      sources:
+        - {kind: code, name: he, dataset: humaneval}
+        - {kind: gym, name: sums, generator: chain_sum, weight: 2}
+"""
+
+
+def test_mixture_stage_override_and_placeholder_paths(tmp_path, monkeypatch):
+    monkeypatch.delenv("ZR_TEST_UNSET", raising=False)
+    recipe = load_recipe(_write(tmp_path, MIXTURE))
+    sft, rl = recipe.stages
+    assert [s.name for s in recipe.data_for(sft).sources] == ["sums", "mine"]
+    assert [s.name for s in recipe.data_for(rl).sources] == ["he", "sums"]
+    assert recipe.data_for(rl).filter.max_pass_rate == 0.75 and rl.curriculum.start_level == "probe"
+    assert recipe.unresolved_paths() == ["${ZR_TEST_UNSET}/m.jsonl"]
+    monkeypatch.setenv("ZR_TEST_UNSET", "/data")
+    assert load_recipe(_write(tmp_path, MIXTURE)).data.sources[1].path == "/data/m.jsonl"
+
+
+@pytest.mark.parametrize("old, new, where, message", [
+    ("weight: 2}\n    - {kind: file", "weight: -2}\n    - {kind: file", ":4: data.sources.0.gym.weight",
+     "greater than 0"),
+    ("generator: chain_sum, weight: 2}\n    - {kind: file", "generator: no_such_gen}\n    - {kind: file",
+     ":4: data.sources.0.gym", "unknown reasoning-gym generator 'no_such_gen'"),
+    ("m.jsonl", "m.csv", ":5: data.sources.1.file.path", "should match pattern"),
+    ("fields: {solution: worked}", "fields: {solution: worked, answr: a}", ":5: data.sources.1.file.fields.answr",
+     "Extra inputs"),
+    ("dataset: humaneval", "dataset: humaneval, path: x.jsonl", ":16: stages.1.rl.data.sources.0.code",
+     "exactly one of dataset and path"),
+    ("levels: [4]", "levels: [5]", ":7: stages.0.levels", "above source 'sums'"),
+    ("fields: {solution: worked}", "fields: {}", ":7: stages.0", "source 'mine' has no worked solutions"),
+    ("adaptive: false", "adaptive: true", ":12: stages.1.curriculum.adaptive", "set curriculum.adaptive to false"),
+    ("data:\n  sources:", "data:\n  filter: {samples: 2}\n  sources:", ":3: data.filter", "data.filter is for rl stages"),
+    ("        - {kind: gym, name: sums, generator: chain_sum, weight: 2}",
+     "        - {kind: gym, name: sums, generator: chain_sum, levels: [{}]}", ":17: stages.1.data.sources.1", "source 'sums' is defined twice, differently"),
+])
+def test_malformed_data_names_field_and_line(tmp_path, old, new, where, message):
+    assert MIXTURE.count(old) == 1
+    path = _write(tmp_path, MIXTURE.replace(old, new))
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    assert f"{path}{where}" in str(err.value) and message in str(err.value), str(err.value)
+
+
+def test_cli_refuses_to_run_with_placeholder_paths(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "ZR_TEST_UNSET"}
+    path = _write(tmp_path, MIXTURE.replace("name: x\n", f"name: x\nrun_dir: {tmp_path / 'run'}\n"))
+    proc = subprocess.run([sys.executable, "-m", "zaya_rl.cli", "run", str(path)], capture_output=True, text=True, env=env)
+    assert proc.returncode == 2 and "${ZR_TEST_UNSET}/m.jsonl" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_shipped_gym_sources_generate_every_level():
+    """The levels a shipped recipe defines are valid settings of their generators, and their
+    answers are numbers (the math verifier scores every non-code source)."""
+    from zaya_rl.tasks import build_source
+
+    for path in sorted((ROOT / "recipes").rglob("*.yaml")):
+        recipe = load_recipe(path)
+        sources = {s.name: s for data in [recipe.data] + [st.data for st in recipe.stages if st.data]
+                   for s in data.sources if s.kind == "gym"}
+        for cfg in sources.values():
+            source = build_source(cfg, seed=0)
+            for level in range(source.num_levels):
+                for task in source.take(level, 3):
+                    float(task.answer.replace("/", ""))

@@ -1,0 +1,208 @@
+"""End to end against TRL: the default recipe's RL stage beside TRL's `GRPOTrainer`, from the
+same warmed-up checkpoint, on the same tasks, group size, batch and number of steps, on this
+machine, one after the other in one run.
+
+    python -m benchmarks.vs_trl [--quick] [--recipe recipes/tiny.yaml] [--out benchmarks/results]
+                                [--warmup runs/tiny/stages/warmup]
+
+1. the start: `--warmup`, else the suite's own warmup (`zaya-rl run` of the recipe's SFT stage
+   for `warmup_seconds`, kept under --out/runs/vs_trl/warmup and reused by later runs);
+2. `zaya-rl run` of the recipe's RL stage from it, for a fixed number of steps at its start
+   level (the curriculum held still, so both trainers see the same task distribution; no
+   periodic checkpoints, as TRL saves none);
+3. TRL's `GRPOTrainer` from the warmup checkpoint: transformers generation (TRL's default;
+   its vLLM mode needs a GPU), the same correctness reward (`rewards.math.verify`), G, prompts
+   per step, learning rate and warm-up, clip range, temperature and completion length, one
+   optimizer step per batch, no KL term; `loss_type="dr_grpo"` is TRL's nearest to the
+   recipe's per-sequence token sum;
+4. held-out accuracy of the warmup, our RL result and TRL's, on one vLLM engine whose weights
+   are swapped, sampled at the recipe's eval temperature and greedy.
+
+TRL is timed at the niceness of Ray's workers (benchmarks/report.py), the one our learner and
+rollout worker run at. Seconds per step and samples per second count the training loop only
+(no start-up, no eval);
+samples are all generated samples (the recipe's dynamic sampling may draw more than a step keeps).
+Writes vs_trl.json (with both reward curves) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from benchmarks.report import machine, match_ray_workers_niceness, text_table, write_json
+from benchmarks.warmup_vs_rl import run as run_recipe
+from rewards.math import verify
+from zaya_rl.controller import accuracy_with_interval
+from zaya_rl.recipe import Recipe, RlStage, load_recipe
+from zaya_rl.tasks import TaskStream, held_out
+
+SETTINGS = {  # warmup seconds, RL steps, held-out problems
+    # TRL's step took 90-120 s on 2 loaded cores (transformers generation of 128 samples):
+    # --quick can afford only a few steps, too few for accuracy to move.
+    "quick": {"warmup_seconds": 120, "rl_steps": 3, "eval_problems": 200},
+    "full": {"warmup_seconds": 270, "rl_steps": 30, "eval_problems": 1000},
+}
+
+
+def stage_recipe(recipe: Recipe, kind: str, model_path: Path | None, eval_problems: int, **stage_fields) -> dict:
+    """The recipe reduced to its first stage of `kind` with `stage_fields` set, no evaluation
+    or periodic checkpoint of its own, starting from `model_path` when given."""
+    out = recipe.model_dump(mode="json")
+    out["model"]["path"] = str(model_path) if model_path else None
+    out["eval"]["num_problems"] = eval_problems
+    out["checkpoint"]["every_steps"] = 10**9
+    stage = next(s for s in out["stages"] if s["kind"] == kind)
+    out["stages"] = [{**stage, "eval_at_end": False, **stage_fields}]
+    return out
+
+
+def warmup_checkpoint(recipe: Recipe, seconds: float, eval_problems: int, work: Path) -> tuple[Path, int]:
+    """The warmup (SFT) checkpoint both trainers start from, and its steps: an earlier suite
+    run's when `work` holds one (the warmup is not what is compared), else a new warmup run
+    of `seconds`."""
+    run_dir = work / "warmup"
+    if not (run_dir / "summary.json").exists():
+        path = work / "warmup.yaml"
+        path.write_text(yaml.safe_dump(stage_recipe(recipe, "sft", None, eval_problems, max_seconds=seconds),
+                                       sort_keys=False))
+        run_recipe(path, run_dir)
+    [stage] = json.loads((run_dir / "summary.json").read_text())["stages"].values()
+    return Path(stage["checkpoint"]), stage["steps"]
+
+
+def run_trl(model_path: Path, stage: RlStage, recipe: Recipe, out_dir: Path) -> dict:
+    """TRL's GRPOTrainer for `stage.steps` steps on the recipe's training stream at the stage's
+    start level (held-out prompts excluded, as the controller does); returns timings, the
+    reward curve and the path of the trained model."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from zaya_rl.models import load_model, load_tokenizer
+
+    torch.set_num_threads(recipe.resources.torch_threads)
+    match_ray_workers_niceness()  # our run's learner and rollout worker ran at Ray's worker niceness
+    exclude = frozenset(t.prompt for t in held_out(recipe.tasks.generator, recipe.eval.levels, recipe.eval.num_problems))
+    tasks = TaskStream(recipe.tasks.generator, recipe.seed, exclude).take(stage.curriculum.start_level,
+                                                                          stage.steps * stage.prompts_per_step)
+    data = Dataset.from_list([{"prompt": t.prompt, "answer": t.answer} for t in tasks])
+
+    def correctness(prompts, completions, answer, **_) -> list[float]:
+        return [float(verify(c, a).correct) for c, a in zip(completions, answer)]
+
+    class StepTimes(TrainerCallback):
+        def __init__(self):
+            self.starts: list[float] = []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.starts.append(time.perf_counter())
+
+    algo = stage.algorithm
+    config = GRPOConfig(
+        output_dir=str(out_dir), max_steps=stage.steps, per_device_train_batch_size=stage.prompts_per_step * stage.group_size,
+        num_generations=stage.group_size, max_completion_length=stage.max_tokens, temperature=stage.temperature,
+        learning_rate=stage.lr, lr_scheduler_type="constant_with_warmup", warmup_steps=stage.warmup_steps,
+        epsilon=algo.clip_low, epsilon_high=algo.clip_high, beta=0.0, loss_type="dr_grpo", scale_rewards="group",
+        max_grad_norm=1.0, gradient_checkpointing=False, use_cpu=True, bf16=False, logging_steps=1,
+        save_strategy="no", report_to="none", seed=recipe.seed, shuffle_dataset=False, disable_tqdm=True,
+    )
+    step_times = StepTimes()
+    trainer = GRPOTrainer(model=load_model(model_path), reward_funcs=correctness, args=config, train_dataset=data,
+                          processing_class=load_tokenizer(model_path), callbacks=[step_times])
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    trainer.save_model(str(out_dir / "final"))
+    rewards = [row["reward"] for row in trainer.state.log_history if "reward" in row]
+    return {"train_seconds": seconds, "steps": stage.steps, "rewards": rewards, "checkpoint": str(out_dir / "final"),
+            "first_step_seconds": (step_times.starts[1] - step_times.starts[0]) if len(step_times.starts) > 1 else None}
+
+
+def evaluate(checkpoints: dict[str, Path], recipe: Recipe, num_problems: int) -> dict[str, dict]:
+    """Held-out accuracy of each checkpoint on one vLLM engine (weights swapped in), sampled
+    at the recipe's eval temperature and greedy, seeded as the controller's eval is."""
+    from workers.rollout import Rollout
+    from zaya_rl.models import load_model
+
+    tasks = held_out(recipe.tasks.generator, recipe.eval.levels, num_problems)
+    first = next(iter(checkpoints.values()))
+    rollout = Rollout("vllm", str(first), seed=recipe.seed, max_model_len=recipe.model.tiny.max_position_embeddings,
+                      torch_threads=recipe.resources.torch_threads)
+    results = {}
+    for version, (name, path) in enumerate(checkpoints.items(), start=1):
+        rollout.load_weights(load_model(path).state_dict(), version)
+        results[name] = {}
+        for mode, temperature in (("sampled", recipe.eval.temperature), ("greedy", 0.0)):
+            groups = rollout.generate([t.prompt for t in tasks], 1, temperature, recipe.eval.max_tokens, seed=recipe.seed)
+            results[name][mode] = accuracy_with_interval([verify(g[0].text, t.answer).correct
+                                                          for g, t in zip(groups, tasks)])
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--recipe", type=Path, default=Path("recipes/tiny.yaml"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--warmup", type=Path, help="an HF checkpoint to start both from (e.g. a default job's "
+                        "runs/tiny/stages/warmup) instead of the suite's own warmup run")
+    args = parser.parse_args(argv)
+    settings = SETTINGS["quick" if args.quick else "full"]
+    recipe = load_recipe(args.recipe)
+    work = args.out / "runs" / "vs_trl"
+    work.mkdir(parents=True, exist_ok=True)
+    if args.warmup is not None:
+        warmup_ckpt, warmup_steps = args.warmup, None
+    else:
+        warmup_ckpt, warmup_steps = warmup_checkpoint(recipe, settings["warmup_seconds"], settings["eval_problems"], work)
+    bench_path = work / "rl.yaml"
+    bench_path.write_text(yaml.safe_dump(stage_recipe(
+        recipe, "rl", warmup_ckpt, settings["eval_problems"], steps=settings["rl_steps"], max_seconds=None,
+        curriculum={**next(s for s in recipe.stages if isinstance(s, RlStage)).curriculum.model_dump(mode="json"),
+                    "adaptive": False}), sort_keys=False))
+    bench = load_recipe(bench_path)
+    [rl] = bench.stages
+
+    ours_dir = work / "zaya_rl"
+    ours = run_recipe(bench_path, ours_dir)["stages"][rl.name]
+    metrics = [json.loads(line) for line in (ours_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in metrics if m["stage"] == rl.name and "reward" in m]
+    ours_rewards = [m["reward"] for m in steps]
+    # Dynamic sampling may draw more groups than a step keeps: count every generated sample.
+    ours_samples = sum(m["sampled_groups"] for m in steps) * rl.group_size
+
+    trl = run_trl(warmup_ckpt, rl, bench, work / "trl")
+    accuracy = evaluate({"warmup": warmup_ckpt, "zaya_rl": Path(ours["checkpoint"]), "trl": Path(trl["checkpoint"])},
+                        bench, settings["eval_problems"])
+
+    rows = {}
+    for name, seconds, steps, samples, rewards in (
+            ("zaya_rl", ours["train_seconds"], ours["steps"], ours_samples, ours_rewards),
+            ("trl", trl["train_seconds"], trl["steps"], trl["steps"] * rl.prompts_per_step * rl.group_size, trl["rewards"])):
+        rows[name] = {"steps": steps, "seconds_per_step": seconds / steps, "samples": samples,
+                      "samples_per_second": samples / seconds, "train_seconds": seconds, "rewards": rewards,
+                      "eval": accuracy[name]}
+    result = {"machine": machine(), "settings": settings, "recipe": str(args.recipe), "group_size": rl.group_size,
+              "prompts_per_step": rl.prompts_per_step, "warmup_checkpoint": str(warmup_ckpt), "warmup_steps": warmup_steps,
+              "warmup_eval": accuracy["warmup"], "ours_phase_seconds": ours["phase_seconds"],
+              "rows": rows, "speedup": rows["zaya_rl"]["samples_per_second"] / rows["trl"]["samples_per_second"]}
+    write_json(args.out / "vs_trl.json", result)
+    print(text_table(
+        f"\nRL stage vs TRL GRPOTrainer: {rl.steps} steps of {rl.prompts_per_step}x{rl.group_size} samples from one "
+        f"warmup checkpoint; held-out accuracy on {settings['eval_problems']} problems "
+        f"(warmup: {accuracy['warmup']['sampled']['accuracy']:.3f} sampled, {accuracy['warmup']['greedy']['accuracy']:.3f} greedy)",
+        ["trainer", "s/step", "samples/s", "sampled acc", "greedy acc"],
+        [[name, r["seconds_per_step"], r["samples_per_second"], r["eval"]["sampled"]["accuracy"],
+          r["eval"]["greedy"]["accuracy"]] for name, r in rows.items()]))
+    print(f"samples/s zaya-rl / TRL (target >= 2): {result['speedup']:.2f}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

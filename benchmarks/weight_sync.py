@@ -1,0 +1,109 @@
+"""How long does a weight sync take as the model grows? Seconds per sync of a full fp32 state
+dict into a `RolloutWorker`'s vLLM engine, as the controller does it (the learner's weights
+put in Ray's object store once, the worker fetches them and reloads its engine in place),
+beside a plain in-memory copy (`clone`) of the same state dict in one process.
+
+    python -m benchmarks.weight_sync [--quick] [--out benchmarks/results]
+
+Models: Qwen3-MoEs from the recipe's tiny one (~2M parameters) up to ~450M (--quick stops at
+~120M: the machine has 24 GiB, and at the top size the state dict lives four times at once:
+this process, the object store, the engine, the engine's incoming copy). The median of a few
+syncs after a warm-up one. Writes weight_sync.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.report import machine, text_table, write_json
+from zaya_rl.recipe import TinyModelConfig
+from zaya_rl.tasks import TaskStream
+
+MODELS = {  # name: TinyModelConfig overrides (hidden, layers, heads, kv heads, head dim, experts, expert width)
+    "tiny (recipe)": {},
+    "~25M": dict(hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=4, head_dim=64, num_experts=8,
+                 moe_intermediate_size=512),
+    "~120M": dict(hidden_size=768, num_layers=8, num_heads=12, num_kv_heads=4, head_dim=64, num_experts=8,
+                  moe_intermediate_size=768),
+    "~450M": dict(hidden_size=1024, num_layers=16, num_heads=16, num_kv_heads=8, head_dim=64, num_experts=8,
+                  moe_intermediate_size=1024),
+}
+SETTINGS = {"quick": {"models": ["tiny (recipe)", "~25M", "~120M"], "repeats": 2},
+            "full": {"models": list(MODELS), "repeats": 3}}
+THREADS = 2
+
+
+def measure(name: str, tokenizer, repeats: int, workdir: Path) -> dict:
+    import ray
+
+    from workers.rollout import RolloutWorker
+    from zaya_rl.models import build_tiny_moe
+
+    cfg = TinyModelConfig(**MODELS[name])
+    model = build_tiny_moe(cfg, tokenizer, seed=0)
+    path = workdir / f"model-{cfg.hidden_size}-{cfg.num_layers}"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    del model
+    num_bytes = sum(v.numel() * v.element_size() for v in state.values())
+    worker = RolloutWorker.options(runtime_env={"env_vars": {"OMP_NUM_THREADS": str(THREADS)}}).remote(
+        "vllm", str(path), seed=0, max_model_len=cfg.max_position_embeddings, torch_threads=THREADS)
+    sync, copy = [], []
+    try:
+        for version in range(1, repeats + 2):
+            start = time.perf_counter()
+            ray.get(worker.load_weights.remote(ray.put(state), version))
+            sync.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            copied = {k: v.clone() for k, v in state.items()}
+            copy.append(time.perf_counter() - start)
+            del copied
+    finally:
+        ray.kill(worker)
+    sync_s, copy_s = statistics.median(sync[1:]), statistics.median(copy[1:])  # the first is a warm-up
+    return {"parameters": sum(v.numel() for v in state.values()), "bytes": num_bytes, "sync_seconds": sync_s,
+            "sync_bytes_per_second": num_bytes / sync_s, "copy_seconds": copy_s,
+            "copy_bytes_per_second": num_bytes / copy_s, "config": cfg.model_dump()}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import ray
+    import torch
+
+    from zaya_rl.models import train_tokenizer
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args(argv)
+    settings = SETTINGS["quick" if args.quick else "full"]
+    torch.set_num_threads(THREADS)
+    stream = TaskStream("chain_sum", 0)
+    tokenizer = train_tokenizer([t.prompt + t.solution for level in range(3) for t in stream.take(level, 300)],
+                                TinyModelConfig().vocab_size)
+    rows = {}
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in settings["models"]:
+                rows[name] = measure(name, tokenizer, settings["repeats"], Path(tmp))
+                print(f"weight sync {name}: {rows[name]['sync_seconds']:.3f} s", flush=True)
+    finally:
+        ray.shutdown()
+    result = {"machine": machine(), "settings": settings, "rows": rows}
+    write_json(args.out / "weight_sync.json", result)
+    print(text_table("\nWeight sync into a RolloutWorker (object store + in-place vLLM reload) vs a plain copy",
+                     ["model", "parameters", "MB", "sync s", "sync MB/s", "copy s", "copy MB/s"],
+                     [[name, r["parameters"], r["bytes"] / 1e6, r["sync_seconds"], r["sync_bytes_per_second"] / 1e6,
+                       r["copy_seconds"], r["copy_bytes_per_second"] / 1e6] for name, r in rows.items()]))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""The benchmark suite's pure parts: tables, JSON, charts and the headline rows."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks.report import bar_chart, markdown_table, text_table, write_json
+from benchmarks.run import headline_rows
+
+
+def test_text_table_aligns_columns():
+    table = text_table("T", ["name", "value"], [["a", 1.23456], ["longer name", 12345.6]])
+    lines = table.splitlines()
+    assert lines[0] == "T"
+    assert lines[2] == "a".ljust(11) + "  " + "1.23".rjust(6)
+    assert lines[3] == "longer name  12,346"
+    assert len({len(line) for line in lines[1:]}) == 1
+
+
+def test_markdown_table():
+    assert markdown_table(["a", "b"], [["x", 0.5]]) == "| a | b |\n|---|---|\n| x | 0.5 |"
+
+
+def test_write_json_and_bar_chart(tmp_path):
+    path = write_json(tmp_path / "sub" / "r.json", {"x": [1, 2]})
+    assert json.loads(path.read_text()) == {"x": [1, 2]}
+    png = bar_chart(tmp_path / "plots" / "b.png", "t", ["a", "b"], {"s1": [1.0, 2.0], "s2": [3.0, 4.0]}, "y", log=True)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_headline_rows_ratios():
+    acc = {"sampled": {"accuracy": 0.5}, "greedy": {"accuracy": 0.6}}
+    results = {
+        "vs_trl": {"prompts_per_step": 16, "group_size": 8, "speedup": 4.0, "warmup_eval": acc,
+                   "rows": {"zaya_rl": {"steps": 3, "samples_per_second": 40.0, "eval": acc},
+                            "trl": {"steps": 3, "samples_per_second": 10.0,
+                                    "eval": {"sampled": {"accuracy": 0.25}, "greedy": {"accuracy": 0.0}}}}},
+        "rollout_throughput": {"ratio": 0.95, "rows": {"RolloutWorker": {"tokens_per_second": 95.0},
+                                                       "bare vLLM": {"tokens_per_second": 100.0}}},
+    }
+    rows = headline_rows(results)
+    assert [row[3] for row in rows] == [4.0, 2.0, "-", 0.95]
+    assert rows[0][0] == "RL samples/s vs TRL GRPOTrainer (3 steps of 16x8)"
