@@ -32,15 +32,16 @@ THREADS = 2
 
 
 def bare_engine(model_path: str, seed: int, max_model_len: int):
-    """vLLM's `LLM` as `VllmEngine` builds it, and a generate function counting tokens."""
+    """vLLM's `LLM` as `VllmEngine` builds it, and a generate function counting tokens that asks
+    for what the worker asks for: each sampled token's log-prob (the learner needs it)."""
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=model_path, distributed_executor_backend="uni", dtype="float32", seed=seed,
-              max_model_len=max_model_len, enforce_eager=True)
+              max_model_len=max_model_len, enforce_eager=True, logprobs_mode="processed_logprobs")
 
     def generate(prompts: list[str], n: int, temperature: float, max_tokens: int) -> int:
-        outputs = llm.generate(prompts, SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens),
-                               use_tqdm=False)
+        params = SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, logprobs=0)
+        outputs = llm.generate(prompts, params, use_tqdm=False)
         return sum(len(c.token_ids) for out in outputs for c in out.outputs)
 
     return generate
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     path = str(build_checkpoint(recipe.model.tiny, corpus, Path(tmp.name) / "tiny", seed=recipe.seed))
     max_len = recipe.model.tiny.max_position_embeddings
     prompts = [t.prompt for t in held_out(recipe.tasks.generator, [1], settings["num_prompts"])]
-    call = (prompts, rl.group_size, rl.temperature, rl.max_tokens)
+    call = (prompts, rl.rollout.group_size, rl.rollout.temperature, rl.rollout.max_tokens)
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     match_ray_workers_niceness()  # after ray.init: Ray's workers take the raylet's niceness + 15
@@ -95,11 +96,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     rows = {name: {"generated_tokens": t, "seconds": s, "tokens_per_second": t / s} for name, (t, s) in totals.items()}
     ratio = rows["RolloutWorker"]["tokens_per_second"] / rows["bare vLLM"]["tokens_per_second"]
-    result = {"machine": machine(), "settings": settings, "samples_per_call": len(prompts) * rl.group_size,
-              "max_tokens": rl.max_tokens, "rows": rows, "ratio": ratio}
+    result = {"machine": machine(), "settings": settings, "samples_per_call": len(prompts) * rl.rollout.group_size,
+              "max_tokens": rl.rollout.max_tokens, "rows": rows, "ratio": ratio}
     write_json(args.out / "rollout_throughput.json", result)
-    print(text_table(f"\nRollout: {len(prompts)} prompts x {rl.group_size} samples, up to {rl.max_tokens} tokens, "
-                     f"{settings['repeats']} calls each (alternating)",
+    print(text_table(f"\nRollout: {len(prompts)} prompts x {rl.rollout.group_size} samples, up to "
+                     f"{rl.rollout.max_tokens} tokens, {settings['repeats']} calls each (alternating)",
                      ["engine", "tokens", "seconds", "tokens/s"],
                      [[name, r["generated_tokens"], r["seconds"], r["tokens_per_second"]] for name, r in rows.items()]))
     print(f"RolloutWorker / bare vLLM (target >= 0.9): {ratio:.2f}")

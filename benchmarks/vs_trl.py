@@ -19,9 +19,9 @@ machine, one after the other in one run.
    are swapped, sampled at the recipe's eval temperature and greedy.
 
 TRL is timed at the niceness of Ray's workers (benchmarks/report.py), the one our learner and
-rollout worker run at. Seconds per step and samples per second count the training loop only
-(no start-up, no eval);
-samples are all generated samples (the recipe's dynamic sampling may draw more than a step keeps).
+rollout worker run at. Seconds per step and samples per second count the training loop after
+its first step (no start-up, no eval, no first-step set-up; see `rates`); samples are all
+generated samples (the recipe's dynamic sampling may draw more than a step keeps).
 Writes vs_trl.json (with both reward curves) and prints a table.
 """
 
@@ -43,9 +43,9 @@ from zaya_rl.recipe import Recipe, RlStage, load_recipe
 from zaya_rl.tasks import TaskStream, held_out
 
 SETTINGS = {  # warmup seconds, RL steps, held-out problems
-    # TRL's step took 90-120 s on 2 loaded cores (transformers generation of 128 samples):
-    # --quick can afford only a few steps, too few for accuracy to move.
-    "quick": {"warmup_seconds": 120, "rl_steps": 3, "eval_problems": 200},
+    # A step of either takes 1-2 s on 2 quiet cores; --quick's few steps show the rate, not
+    # where accuracy goes.
+    "quick": {"warmup_seconds": 120, "rl_steps": 6, "eval_problems": 200},
     "full": {"warmup_seconds": 270, "rl_steps": 30, "eval_problems": 1000},
 }
 
@@ -58,7 +58,8 @@ def stage_recipe(recipe: Recipe, kind: str, model_path: Path | None, eval_proble
     out["eval"]["num_problems"] = eval_problems
     out["checkpoint"]["every_steps"] = 10**9
     stage = next(s for s in out["stages"] if s["kind"] == kind)
-    out["stages"] = [{**stage, "eval_at_end": False, **stage_fields}]
+    # The stage's eval block is the recipe's (the held-out set its training stream excludes).
+    out["stages"] = [{**stage, "eval": out["eval"], "eval_at_end": False, **stage_fields}]
     return out
 
 
@@ -98,15 +99,17 @@ def run_trl(model_path: Path, stage: RlStage, recipe: Recipe, out_dir: Path) -> 
 
     class StepTimes(TrainerCallback):
         def __init__(self):
-            self.starts: list[float] = []
+            self.ends: list[float] = []
 
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.starts.append(time.perf_counter())
+        def on_step_end(self, args, state, control, **kwargs):
+            self.ends.append(time.perf_counter())
 
     algo = stage.algorithm
     config = GRPOConfig(
-        output_dir=str(out_dir), max_steps=stage.steps, per_device_train_batch_size=stage.prompts_per_step * stage.group_size,
-        num_generations=stage.group_size, max_completion_length=stage.max_tokens, temperature=stage.temperature,
+        output_dir=str(out_dir), max_steps=stage.steps,
+        per_device_train_batch_size=stage.prompts_per_step * stage.rollout.group_size,
+        num_generations=stage.rollout.group_size, max_completion_length=stage.rollout.max_tokens,
+        temperature=stage.rollout.temperature,
         learning_rate=stage.lr, lr_scheduler_type="constant_with_warmup", warmup_steps=stage.warmup_steps,
         epsilon=algo.clip_low, epsilon_high=algo.clip_high, beta=0.0, loss_type="dr_grpo", scale_rewards="group",
         max_grad_norm=1.0, gradient_checkpointing=False, use_cpu=True, bf16=False, logging_steps=1,
@@ -121,7 +124,19 @@ def run_trl(model_path: Path, stage: RlStage, recipe: Recipe, out_dir: Path) -> 
     trainer.save_model(str(out_dir / "final"))
     rewards = [row["reward"] for row in trainer.state.log_history if "reward" in row]
     return {"train_seconds": seconds, "steps": stage.steps, "rewards": rewards, "checkpoint": str(out_dir / "final"),
-            "first_step_seconds": (step_times.starts[1] - step_times.starts[0]) if len(step_times.starts) > 1 else None}
+            "step_ends": [t - start for t in step_times.ends]}
+
+
+def rates(train_seconds: float, step_ends: list[float], samples: list[int], rewards: list[float]) -> dict:
+    """Seconds per step and samples per second from the end of the first step to the end of the
+    last (`step_ends`: seconds since any fixed origin): the first step of either trainer pays
+    one-time costs (vLLM's first batches set up its CPU kernels: about 10 s) that a run of
+    hundreds of steps does not feel. The whole-loop figures are kept beside them."""
+    steady = step_ends[-1] - step_ends[0]
+    return {"steps": len(samples), "seconds_per_step": steady / (len(samples) - 1),
+            "samples_per_second": sum(samples[1:]) / steady, "samples": sum(samples),
+            "train_seconds": train_seconds, "first_step_seconds": train_seconds - steady,
+            "all_steps_samples_per_second": sum(samples) / train_seconds, "rewards": rewards}
 
 
 def evaluate(checkpoints: dict[str, Path], recipe: Recipe, num_problems: int) -> dict[str, dict]:
@@ -173,29 +188,29 @@ def main(argv: list[str] | None = None) -> dict:
     ours = run_recipe(bench_path, ours_dir)["stages"][rl.name]
     metrics = [json.loads(line) for line in (ours_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in metrics if m["stage"] == rl.name and "reward" in m]
-    ours_rewards = [m["reward"] for m in steps]
     # Dynamic sampling may draw more groups than a step keeps: count every generated sample.
-    ours_samples = sum(m["sampled_groups"] for m in steps) * rl.group_size
+    ours_samples = [m["sampled_groups"] * rl.rollout.group_size for m in steps]
+    # Each metrics record is written as its step ends.
+    ours_ends = [m["time"] - steps[0]["time"] for m in steps]
 
     trl = run_trl(warmup_ckpt, rl, bench, work / "trl")
     accuracy = evaluate({"warmup": warmup_ckpt, "zaya_rl": Path(ours["checkpoint"]), "trl": Path(trl["checkpoint"])},
                         bench, settings["eval_problems"])
 
-    rows = {}
-    for name, seconds, steps, samples, rewards in (
-            ("zaya_rl", ours["train_seconds"], ours["steps"], ours_samples, ours_rewards),
-            ("trl", trl["train_seconds"], trl["steps"], trl["steps"] * rl.prompts_per_step * rl.group_size, trl["rewards"])):
-        rows[name] = {"steps": steps, "seconds_per_step": seconds / steps, "samples": samples,
-                      "samples_per_second": samples / seconds, "train_seconds": seconds, "rewards": rewards,
-                      "eval": accuracy[name]}
-    result = {"machine": machine(), "settings": settings, "recipe": str(args.recipe), "group_size": rl.group_size,
-              "prompts_per_step": rl.prompts_per_step, "warmup_checkpoint": str(warmup_ckpt), "warmup_steps": warmup_steps,
+    trl_samples = [rl.prompts_per_step * rl.rollout.group_size] * trl["steps"]
+    rows = {"zaya_rl": rates(ours["train_seconds"], ours_ends, ours_samples, [m["reward"] for m in steps]),
+            "trl": rates(trl["train_seconds"], trl["step_ends"], trl_samples, trl["rewards"])}
+    for name, row in rows.items():
+        row["eval"] = accuracy[name]
+    result = {"machine": machine(), "settings": settings, "recipe": str(args.recipe),
+              "group_size": rl.rollout.group_size, "prompts_per_step": rl.prompts_per_step,
+              "warmup_checkpoint": str(warmup_ckpt), "warmup_steps": warmup_steps,
               "warmup_eval": accuracy["warmup"], "ours_phase_seconds": ours["phase_seconds"],
               "rows": rows, "speedup": rows["zaya_rl"]["samples_per_second"] / rows["trl"]["samples_per_second"]}
     write_json(args.out / "vs_trl.json", result)
     print(text_table(
-        f"\nRL stage vs TRL GRPOTrainer: {rl.steps} steps of {rl.prompts_per_step}x{rl.group_size} samples from one "
-        f"warmup checkpoint; held-out accuracy on {settings['eval_problems']} problems "
+        f"\nRL stage vs TRL GRPOTrainer: {rl.steps} steps of {rl.prompts_per_step}x{rl.rollout.group_size} samples "
+        f"from one warmup checkpoint; held-out accuracy on {settings['eval_problems']} problems "
         f"(warmup: {accuracy['warmup']['sampled']['accuracy']:.3f} sampled, {accuracy['warmup']['greedy']['accuracy']:.3f} greedy)",
         ["trainer", "s/step", "samples/s", "sampled acc", "greedy acc"],
         [[name, r["seconds_per_step"], r["samples_per_second"], r["eval"]["sampled"]["accuracy"],

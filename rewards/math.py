@@ -2,7 +2,8 @@
 
 Owns `extract_answer` and `verify` (pure functions that run in the calling process) and
 `MathVerifier`, which runs `verify` in one killable child process under a wall-clock limit
-per item.
+per item (and, for items whose gold is a `rewards.gym.GymRef`, reasoning-gym's own scorer
+`rewards.gym.verify_gym`: library code fed model output gets the same limit).
 
 Extraction is configurable per task: `formats` lists the places to look for the answer,
 in order ("boxed": the last brace-matched `\\boxed{}`, "answer_tag": the last
@@ -35,8 +36,12 @@ import sys
 import time
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
+from typing import TYPE_CHECKING
 
 import math_verify
+
+if TYPE_CHECKING:
+    from rewards.gym import GymRef
 
 MAX_ANSWER_CHARS = 10_000
 # Bounds the damage of answers that make sympy build giant numbers (e.g. `100000!!`).
@@ -56,10 +61,16 @@ FORMATS = ("boxed", "answer_tag", "answer_line")
 
 @dataclass(frozen=True)
 class Verdict:
-    """The result of checking one answer; `reason` says why, for logs and metrics."""
+    """The result of checking one answer; `reason` says why, for logs and metrics. `credit`:
+    a reasoning-gym scorer's partial credit in [0, 1]; None where an answer is right or wrong."""
 
     correct: bool
     reason: str
+    credit: float | None = None
+
+    @property
+    def reward(self) -> float:
+        return float(self.correct) if self.credit is None else self.credit
 
 
 def extract_answer(text: str, formats: tuple[str, ...] = FORMATS) -> str | None:
@@ -181,7 +192,10 @@ def _die_with_owner(keep_fd: int) -> None:
 
 
 def _child_main(conn) -> None:
-    """Child loop: receive a batch of (completion, gold) and the formats, answer item by item."""
+    """Child loop: receive a batch of (completion, gold) and the formats, answer item by item;
+    a gold that is a GymRef goes to its generator's scorer."""
+    from rewards.gym import GymRef, verify_gym  # here: rewards.gym imports this module
+
     _die_with_owner(conn.fileno())
     resource.setrlimit(resource.RLIMIT_AS, (CHILD_ADDRESS_SPACE_BYTES, CHILD_ADDRESS_SPACE_BYTES))
     # math-verify warns that its time limits are off; here that is the design.
@@ -196,7 +210,8 @@ def _child_main(conn) -> None:
         except EOFError:  # parent is gone
             return
         for completion, gold in batch:
-            conn.send(verify(completion, gold, formats))
+            judge = verify_gym if isinstance(gold, GymRef) else verify
+            conn.send(judge(completion, gold, formats))
 
 
 class MathVerifier:
@@ -207,10 +222,11 @@ class MathVerifier:
     """
 
     def __init__(self) -> None:
-        # forkserver with the module preloaded: a replacement child is a fork of a
-        # process that already imported sympy (1-2 s to import), not a fresh interpreter.
+        # forkserver with the modules preloaded: a replacement child is a fork of a
+        # process that already imported sympy (1-2 s to import) and reasoning-gym (2-5 s),
+        # not a fresh interpreter.
         self._ctx = multiprocessing.get_context("forkserver")
-        self._ctx.set_forkserver_preload([__name__])
+        self._ctx.set_forkserver_preload([__name__, "rewards.gym"])
         self._proc = None
         self._conn = None
 
@@ -237,9 +253,11 @@ class MathVerifier:
             self._conn.close()
         self._proc = self._conn = None
 
-    def score(self, items: list[tuple[str, str]], timeout_s: float = 5.0, formats: tuple[str, ...] = FORMATS) -> list[Verdict]:
-        """One Verdict per (completion, gold), in order. Never hangs, never raises (except
-        ValueError for an unknown format)."""
+    def score(self, items: list[tuple[str, str | GymRef]], timeout_s: float = 5.0,
+              formats: tuple[str, ...] = FORMATS) -> list[Verdict]:
+        """One Verdict per (completion, gold), in order; a gold is an answer string or a
+        reasoning-gym item (GymRef). Never hangs, never raises (except ValueError for an
+        unknown format)."""
         extract_answer("", formats)  # a bad format is the caller's error: raise it here
         verdicts: list[Verdict] = []
         while len(verdicts) < len(items):

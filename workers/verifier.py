@@ -1,17 +1,18 @@
-"""The verifier actor pool: math answers and code scored by Ray actors.
+"""The verifier actor pool: math answers, reasoning-gym answers and code scored by Ray actors.
 
-`VerifierActor` is a thin Ray shell: math goes to its `rewards.math.MathVerifier` (a child
-process killed at a wall-clock limit per item), code to `rewards.code.verify_code` (each
-program in its own sandbox, with limits per test). `VerifierPool` splits a batch across the
-actors, retries a chunk once on the restarted actor when its actor dies, and counts what
-happened (as plain numbers and as Ray metrics: items, verifications per second, timeouts,
-sandbox violations, failures; tagged by kind, math or code). Importing this module does
-not start Ray.
+`VerifierActor` is a thin Ray shell: math and reasoning-gym answers go to its
+`rewards.math.MathVerifier` (a child process killed at a wall-clock limit per item), code to
+`rewards.code.verify_code` (each program in its own sandbox, with limits per test).
+`VerifierPool` splits a batch across the actors, retries a chunk once on the restarted actor
+when its actor dies, and counts what happened (as plain numbers and as Ray metrics: items,
+verifications per second, timeouts, sandbox violations, failures; tagged by kind, math
+(answers, reasoning-gym's included) or code). Importing this module does not start Ray.
 """
 
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import ray
 from ray.util import metrics
@@ -19,6 +20,9 @@ from ray.util import metrics
 from rewards.code import CodeTests, CodeVerdict, verify_code
 from rewards.math import FORMATS, MathVerifier, Verdict, extract_answer
 from rewards.sandbox import Limits, remove_stale_dirs
+
+if TYPE_CHECKING:
+    from rewards.gym import GymRef
 
 RESTART_WAIT_S = 60.0
 
@@ -28,7 +32,8 @@ class Verifier:
         self._verifier = MathVerifier()
         remove_stale_dirs()  # left by this actor's previous life, if it was killed mid-run
 
-    def score(self, items: list[tuple[str, str]], timeout_s: float, formats: tuple[str, ...] = FORMATS) -> list[Verdict]:
+    def score(self, items: list[tuple[str, str | GymRef]], timeout_s: float,
+              formats: tuple[str, ...] = FORMATS) -> list[Verdict]:
         return self._verifier.score(items, timeout_s, formats)
 
     def score_code(self, items: list[tuple[str, CodeTests]], limits: Limits) -> list[CodeVerdict]:
@@ -44,8 +49,8 @@ VerifierActor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)(Veri
 
 
 class VerifierPool:
-    """Scores math (completion, gold) pairs and code (completion, tests) on `num_actors`
-    verifier actors, in order."""
+    """Scores (completion, gold) pairs, a gold being a math answer or a reasoning-gym item,
+    and code (completion, tests) on `num_actors` verifier actors, in order."""
 
     def __init__(
         self,
@@ -66,9 +71,12 @@ class VerifierPool:
         self.seconds = 0.0
         self._metrics: dict | None = None
 
-    def score(self, completions: list[str], golds: list[str], formats: tuple[str, ...] = FORMATS) -> list[Verdict]:
-        """One Verdict per completion, in order; actor deaths become failure verdicts.
-        `formats`: where to look for the answer (see rewards.math.extract_answer)."""
+    def score(self, completions: list[str], golds: list[str | GymRef],
+              formats: tuple[str, ...] = FORMATS) -> list[Verdict]:
+        """One Verdict per completion, in order; actor deaths become failure verdicts. A gold is
+        an answer string (math verifier) or a GymRef (its generator's scorer; `Verdict.reward`
+        holds the partial credit). `formats`: where to look for the answer (see
+        rewards.math.extract_answer)."""
         if len(completions) != len(golds):
             raise ValueError(f"{len(completions)} completions but {len(golds)} golds")
         extract_answer("", formats)  # an unknown format is the caller's error: raise it here

@@ -12,7 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-from zaya_rl.recipe import RecipeError, dump_recipe, load_recipe
+from zaya_rl.recipe import EvalConfig, Recipe, RecipeError, RolloutConfig, RsaSettings, dump_recipe, load_recipe
+from zaya_rl.rsa import RsaConfig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,14 +83,19 @@ def load_or_report(path: str):
 def add_eval_parser(sub) -> None:
     ev = sub.add_parser("eval", help="evaluate a checkpoint: Markovian RSA vs sampling and majority vote")
     ev.add_argument("--checkpoint", type=Path, help="checkpoint directory (with --recipe: default RUN_DIR/final)")
-    ev.add_argument("--recipe", help="take the held-out set, temperature, budget and seed from this recipe")
-    ev.add_argument("--population", type=int, default=8, help="N: samples per problem")
-    ev.add_argument("--tails", type=int, default=4, help="C: candidate tails per aggregation prompt")
-    ev.add_argument("--rounds", type=int, default=2, help="T: aggregation rounds")
-    ev.add_argument("--budget", type=int, help="beta: max new tokens per rollout (default: eval.max_tokens or 64)")
-    ev.add_argument("--tail-tokens", type=int, help="tau: tokens carried per candidate (default: budget // 2)")
+    ev.add_argument("--recipe", help="take the held-out set, temperature, seed and the RSA settings "
+                    "(rollout.rsa) from this recipe")
+    ev.add_argument("--population", type=int, help="N: samples per problem (default: rollout.rsa.population or 8)")
+    ev.add_argument("--tails", type=int, help="C: candidate tails per aggregation prompt "
+                    "(default: rollout.rsa.tails or 4)")
+    ev.add_argument("--rounds", type=int, help="T: aggregation rounds (default: rollout.rsa.rounds or 2)")
+    ev.add_argument("--budget", type=int, help="beta: max new tokens per rollout (default: rollout.rsa.budget, "
+                    "else rollout.max_tokens, else 64)")
+    ev.add_argument("--tail-tokens", type=int, help="tau: tokens carried per candidate (default: "
+                    "rollout.rsa.tail_tokens, else budget // 2)")
     ev.add_argument("--temperature", type=float, help="default: recipe eval.temperature or 1.0")
-    ev.add_argument("--hybrid", action="store_true", help="finished candidates pass their final-answer section")
+    ev.add_argument("--hybrid", action=argparse.BooleanOptionalAction,
+                    help="finished candidates pass their final-answer section (default: rollout.rsa.hybrid or off)")
     ev.add_argument("--continuation", action="store_true", help="Delethink chunking (needs --tails 1)")
     ev.add_argument("--num-problems", type=int, help="default: recipe eval.num_problems or 100")
     ev.add_argument("--levels", type=int, nargs="+", help="held-out levels (default: recipe eval.levels or 1)")
@@ -101,8 +107,6 @@ def add_eval_parser(sub) -> None:
 def eval_command(args) -> int:
     """`zaya-rl eval`: settings from the command line, then the recipe, then defaults."""
     from zaya_rl.evaluate import check_context, format_report, run_eval
-    from zaya_rl.recipe import EvalConfig
-    from zaya_rl.rsa import RsaConfig
     from zaya_rl.tasks import held_out
 
     recipe = None
@@ -117,26 +121,31 @@ def eval_command(args) -> int:
 
     # The recipe's eval settings (or the plain defaults) fill what the command line leaves out.
     base = recipe.eval if recipe else EvalConfig(num_problems=100, levels=[1])
-    budget = args.budget if args.budget is not None else base.max_tokens
-    seed = args.seed if args.seed is not None else recipe.seed if recipe else 0
     try:
-        cfg = RsaConfig(population=args.population, tails=args.tails, rounds=args.rounds, budget=budget,
-                        tail_tokens=args.tail_tokens or max(budget // 2, 1),
-                        temperature=args.temperature if args.temperature is not None else base.temperature,
-                        seed=seed, hybrid=args.hybrid, continuation=args.continuation)
+        cfg = rsa_config(args, recipe)
         tasks = held_out(recipe.tasks.generator if recipe else "chain_sum", args.levels or base.levels,
                          args.num_problems or base.num_problems)
         max_model_len = check_context(checkpoint, tasks, cfg)
     except ValueError as err:
         print(f"zaya-rl: {err}", file=sys.stderr)
         return 2
-    report = run_eval(checkpoint, tasks, cfg, max_model_len, seed=seed, torch_threads=args.threads)
+    report = run_eval(checkpoint, tasks, cfg, max_model_len, seed=cfg.seed, torch_threads=args.threads)
     print(format_report(report))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2))
         print(f"wrote {args.out}")
     return 0
+
+
+def rsa_config(args: argparse.Namespace, recipe: Recipe | None) -> RsaConfig:
+    """`zaya-rl eval`'s RSA settings: each flag given, else the recipe's rollout.rsa (β: its
+    rollout.max_tokens; temperature: eval.temperature; its seed), else the defaults."""
+    rollout, base = (recipe.rollout, recipe.eval) if recipe else (RolloutConfig(), EvalConfig())
+    flags = {k: getattr(args, k) for k in RsaSettings.model_fields if getattr(args, k) is not None}
+    temperature = args.temperature if args.temperature is not None else base.temperature
+    seed = args.seed if args.seed is not None else recipe.seed if recipe else 0
+    return rollout.rsa.model_copy(update=flags).config(rollout.max_tokens, temperature, seed, args.continuation)
 
 
 def print_summary(summary: dict) -> None:

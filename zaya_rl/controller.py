@@ -24,8 +24,8 @@ from workers.verifier import VerifierPool
 from zaya_rl import algorithms, checkpoint, rsa
 from zaya_rl.curriculum import AdaptiveCurriculum
 from zaya_rl.metrics import MetricsSink
-from zaya_rl.models import build_checkpoint, load_tokenizer
-from zaya_rl.recipe import CurriculumConfig, Recipe, RlStage, SftStage, StageBase, dump_recipe
+from zaya_rl.models import build_checkpoint, context_length, load_tokenizer
+from zaya_rl.recipe import CurriculumConfig, EvalConfig, Recipe, RlStage, SftStage, StageBase, dump_recipe
 from zaya_rl.tasks import Task, TaskStream, build_source, held_out
 
 
@@ -106,9 +106,14 @@ class Controller:
         init_ray()
         self.position = Position()
         self.summary: dict = {"recipe": recipe.name, "seed": recipe.seed, "stages": {}, "recoveries": []}
-        self.eval_tasks = held_out(recipe.tasks.generator, recipe.eval.levels, recipe.eval.num_problems)
+        # The held-out set of each distinct eval block (the recipe's, the stages'), by (levels, num_problems).
+        self.eval_tasks: dict[tuple, list[Task]] = {}
+        for cfg in [recipe.eval] + [s.eval for s in recipe.stages]:
+            key = (tuple(cfg.levels), cfg.num_problems)
+            if key not in self.eval_tasks:
+                self.eval_tasks[key] = held_out(recipe.tasks.generator, cfg.levels, cfg.num_problems)
         # One runtime source per name, shared by the stages that use it (its position carries over).
-        exclude = frozenset(t.prompt for t in self.eval_tasks)
+        exclude = frozenset(t.prompt for tasks in self.eval_tasks.values() for t in tasks)
         configs = {src.name: src for stage in recipe.stages for src in recipe.data_for(stage).sources}
         self.sources = {name: build_source(cfg, recipe.seed, exclude) for name, cfg in configs.items()}
         self.curriculum_state: dict | None = None
@@ -163,7 +168,7 @@ class Controller:
         replay = any(isinstance(s, RlStage) and s.algorithm.router_replay for s in self.recipe.stages)
         return RolloutWorker.options(name=f"rollout-{index}", runtime_env=threads).remote(
             res.rollout_engine, str(model_path), seed=self.recipe.seed + index,
-            max_model_len=self.recipe.model.tiny.max_position_embeddings, torch_threads=res.torch_threads,
+            max_model_len=context_length(model_path), torch_threads=res.torch_threads,
             return_routed_experts=replay)
 
     def _start_learners(self, model_path: Path, resumed: Path | None) -> None:
@@ -306,7 +311,7 @@ class Controller:
             result["sources"] = curriculum.metrics()
         if stage.eval_at_end:
             self.sync_weights()
-            result.update(self.evaluate())
+            result.update(self.evaluate(stage.eval))
         result["wall_seconds"] = time.perf_counter() - start
         result["checkpoint"] = str(self.run_dir / "stages" / stage.name)
         self.learners.save(result["checkpoint"])
@@ -341,7 +346,7 @@ class Controller:
                 rates: list[float] = []
                 for level in range(source.num_levels):
                     tasks = source.take(level, stage.curriculum.probe_prompts)
-                    rates.append(sum(self.pass_rates(tasks, stage.group_size, stage, times)) / len(tasks))
+                    rates.append(sum(self.pass_rates(tasks, stage.rollout.group_size, stage, times)) / len(tasks))
                     if rates[-1] < 0.5:  # harder levels only pass less often
                         break
                 curriculum.set_level(name, min(range(len(rates)), key=lambda i: abs(rates[i] - 0.5)))
@@ -358,7 +363,8 @@ class Controller:
     def pass_rates(self, tasks: list[Task], samples: int, stage: RlStage, times: StageTimes) -> list[float]:
         """Each task's pass rate over `samples` samples of the policy at the stage's settings."""
         with Timer(times, "generate"):
-            groups = self.generate([t.prompt for t in tasks], samples, stage.temperature, stage.max_tokens)
+            groups = self.generate([t.prompt for t in tasks], samples, stage.rollout.temperature,
+                                   stage.rollout.max_tokens)
         times.generated_tokens += sum(len(c.token_ids) for group in groups for c in group)
         with Timer(times, "verify"):
             correct = self.score_tasks([t for t in tasks for _ in range(samples)],
@@ -366,14 +372,16 @@ class Controller:
         return [sum(correct[i * samples:(i + 1) * samples]) / samples for i in range(len(tasks))]
 
     def score_tasks(self, tasks: list[Task], texts: list[str]) -> list[float]:
-        """1.0 for each correct completion of its task: code tasks by their tests, others by the
-        math verifier against the gold answer."""
+        """Each completion's reward in [0, 1]: code tasks 1.0 when their tests pass, reasoning-gym
+        items (except chain_sum) their generator's score (partial credit), others 1.0 when the math
+        verifier finds the gold answer."""
         code = [i for i, t in enumerate(tasks) if t.tests is not None]
-        math_ = [i for i, t in enumerate(tasks) if t.tests is None]
+        answers = [i for i, t in enumerate(tasks) if t.tests is None]
         out = [0.0] * len(tasks)
-        if math_:
-            for i, v in zip(math_, self.verifiers.score([texts[i] for i in math_], [tasks[i].answer for i in math_])):
-                out[i] = float(v.correct)
+        if answers:
+            golds = [tasks[i].gym or tasks[i].answer for i in answers]
+            for i, v in zip(answers, self.verifiers.score([texts[i] for i in answers], golds)):
+                out[i] = v.reward
         if code:
             for i, v in zip(code, self.verifiers.score_code([texts[i] for i in code], [tasks[i].tests for i in code])):
                 out[i] = float(v.passed)
@@ -424,7 +432,7 @@ class Controller:
         if len(batch) >= stage.minibatches * self.learners.num_workers:
             with Timer(times, "train"):
                 stats = self.learners.rl_step(batch, lr=lr_at(stage, step), algorithm=cfg,
-                                              minibatches=stage.minibatches, temperature=stage.temperature)
+                                              minibatches=stage.minibatches, temperature=stage.rollout.temperature)
             with Timer(times, "sync"):
                 self.sync_weights()
         return {
@@ -442,7 +450,7 @@ class Controller:
         rewards (groups, group_size), and what was seen: mean correctness, groups sampled,
         mean length, aggregation prompts.
         """
-        cfg = stage.algorithm
+        cfg, rollout = stage.algorithm, stage.rollout
         kept_groups: list[list[Completion]] = []
         kept_rewards: list[torch.Tensor] = []
         correct_sum, num_samples, num_tokens, num_aggregated = 0.0, 0, 0, 0
@@ -453,13 +461,13 @@ class Controller:
             tasks = plain + aggregated
             num_aggregated += len(aggregated)
             with Timer(times, "generate"):
-                groups = self.generate([t.prompt for t in tasks], stage.group_size, stage.temperature,
-                                       stage.max_tokens)
+                groups = self.generate([t.prompt for t in tasks], rollout.group_size, rollout.temperature,
+                                       rollout.max_tokens)
             flat = [c for group in groups for c in group]
             with Timer(times, "verify"):
-                correct = self.score_tasks([t for t in tasks for _ in range(stage.group_size)],
+                correct = self.score_tasks([t for t in tasks for _ in range(rollout.group_size)],
                                            [c.text for c in flat])
-            correct = torch.tensor(correct).view(len(tasks), stage.group_size)
+            correct = torch.tensor(correct).view(len(tasks), rollout.group_size)
             # The curriculum sees plain prompts' correctness, before shaping.
             curriculum.observe(plain, correct[:len(plain)].mean(dim=1).tolist())
             self.recent_rollouts.extend(zip(plain, groups[:len(plain)]))
@@ -473,8 +481,8 @@ class Controller:
             if len(kept_groups) == stage.prompts_per_step:
                 break
         times.generated_tokens += num_tokens
-        rewards = torch.stack(kept_rewards) if kept_rewards else torch.zeros(0, stage.group_size)
-        seen = {"correct": correct_sum / num_samples, "groups": num_samples // stage.group_size,
+        rewards = torch.stack(kept_rewards) if kept_rewards else torch.zeros(0, rollout.group_size)
+        seen = {"correct": correct_sum / num_samples, "groups": num_samples // rollout.group_size,
                 "tokens": num_tokens / num_samples, "aggregated": num_aggregated}
         return kept_groups, rewards, seen
 
@@ -494,7 +502,7 @@ class Controller:
             rewards = algorithms.degeneracy_canary(rewards, [c.text for c in flat], cfg.degeneracy_min_compression)
         if cfg.overlong == "shape":
             lengths = torch.tensor([len(c.token_ids) for c in flat]).view_as(rewards)
-            rewards = rewards + algorithms.overlong_penalty(lengths, stage.max_tokens, cfg.overlong_buffer)
+            rewards = rewards + algorithms.overlong_penalty(lengths, stage.rollout.max_tokens, cfg.overlong_buffer)
         return rewards
 
     # ---- shared pieces ---------------------------------------------------------------
@@ -526,9 +534,9 @@ class Controller:
         state = self.learners.state_dict_ref()
         ray.get([w.load_weights.remote(state, self.weights_version) for w in self.rollouts])
 
-    def evaluate(self) -> dict:
-        """Held-out accuracy, sampled at the recipe's temperature and greedy."""
-        cfg, tasks = self.recipe.eval, self.eval_tasks
+    def evaluate(self, cfg: EvalConfig) -> dict:
+        """Held-out accuracy on `cfg`'s held-out set, sampled at its temperature and greedy."""
+        tasks = self.eval_tasks[(tuple(cfg.levels), cfg.num_problems)]
         out = {}
         modes = [("sampled", cfg.temperature)] + ([("greedy", 0.0)] if cfg.greedy else [])
         for mode, temperature in modes:

@@ -16,7 +16,6 @@ Answers are scored by `MathVerifier` (a killable child process): model output is
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -80,9 +79,9 @@ def evaluate(rollout, tasks: list[Task], cfg: RsaConfig, verifier: MathVerifier)
 def check_context(checkpoint: Path, tasks: list[Task], cfg: RsaConfig) -> int:
     """The model's context length; ValueError when RSA's longest prompt plus budget exceeds it
     (better now than from vLLM in the middle of a run)."""
-    from zaya_rl.models import load_tokenizer
+    from zaya_rl.models import context_length, load_tokenizer
 
-    max_model_len = json.loads((Path(checkpoint) / "config.json").read_text())["max_position_embeddings"]
+    max_model_len = context_length(checkpoint)
     tokenizer = load_tokenizer(checkpoint)
     longest_question = max(len(tokenizer.encode(t.prompt, add_special_tokens=False)) for t in tasks)
     carried = cfg.tail_tokens if cfg.continuation else \

@@ -80,6 +80,14 @@ def load_tokenizer(path: Path):
     return AutoTokenizer.from_pretrained(str(path))
 
 
+def context_length(path: Path) -> int:
+    """The checkpoint's own context length (its config's max_position_embeddings): the engines
+    serve it with that, whether it is a user's model or the tiny one built from the recipe."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(path)).max_position_embeddings
+
+
 def load_model(path: Path):
     """The checkpoint as a transformers model in fp32 (the dtype engine/learner agreement needs)."""
     import torch

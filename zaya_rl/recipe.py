@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from zaya_rl.rsa import RsaConfig
+
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -146,7 +148,7 @@ Source = Annotated[GymSource | FileSource | CodeSource, Field(discriminator="kin
 
 class PassRateFilter(StrictModel):
     """Before an RL stage: measure each candidate prompt's pass rate with `samples` samples of
-    the current policy (at the stage's temperature and max_tokens) and keep the prompts inside
+    the current policy (at the stage's rollout temperature and max_tokens) and keep the prompts inside
     [min_pass_rate, max_pass_rate]; the stage then cycles through the kept prompts."""
 
     samples: int = Field(8, ge=1, description="k: samples per candidate prompt")
@@ -182,6 +184,46 @@ class EvalConfig(StrictModel):
     temperature: float = Field(1.0, ge=0.0, description="sampled accuracy is measured at this temperature")
     greedy: bool = True
     max_tokens: int = Field(64, ge=1)
+
+
+class RsaSettings(StrictModel):
+    """Markovian RSA at test time (METHODS.md §1-3, zaya_rl/rsa.py); `zaya-rl eval --recipe`
+    takes these unless its flags say otherwise."""
+
+    population: int = Field(RsaConfig.population, ge=1, description="N: samples per problem in every round")
+    tails: int = Field(RsaConfig.tails, ge=1, description="C: candidate tails per aggregation prompt, "
+                       "drawn without replacement from the population")
+    rounds: int = Field(RsaConfig.rounds, ge=0, description="T: aggregation rounds after the first sampling round")
+    budget: int | None = Field(None, ge=1, description="β: max new tokens of every rollout; null: the "
+                               "rollout block's max_tokens")
+    tail_tokens: int | None = Field(None, ge=1, description="τ <= β: tokens of a candidate carried into the "
+                                    "next round; null: β // 2")
+    hybrid: bool = Field(RsaConfig.hybrid, description="finished candidates pass their final-answer section, "
+                         "not their tail")
+
+    def config(self, max_tokens: int, temperature: float, seed: int = 0, continuation: bool = False) -> RsaConfig:
+        """The settings rsa.py runs with, β and τ resolved; RsaConfig checks them."""
+        budget = self.budget or max_tokens
+        return RsaConfig(population=self.population, tails=self.tails, rounds=self.rounds, budget=budget,
+                         tail_tokens=self.tail_tokens or max(budget // 2, 1), temperature=temperature,
+                         seed=seed, hybrid=self.hybrid, continuation=continuation)
+
+
+class RolloutConfig(StrictModel):
+    """How the policy is sampled: an RL stage's groups (and its probe and filter), and RSA."""
+
+    group_size: int = Field(8, ge=2, description="samples per prompt; GRPO's group")
+    temperature: float = Field(1.0, gt=0.0, description="sampling temperature (the learner's log-probs use it too)")
+    max_tokens: int = Field(64, ge=1, description="max new tokens per sample")
+    rsa: RsaSettings = RsaSettings()
+
+    @model_validator(mode="after")
+    def _check(self) -> RolloutConfig:
+        try:
+            self.rsa.config(self.max_tokens, self.temperature)
+        except ValueError as err:
+            raise _at("rsa", str(err)) from None
+        return self
 
 
 class AlgorithmConfig(StrictModel):
@@ -251,7 +293,8 @@ class CurriculumConfig(StrictModel):
     start_level: int | Literal["probe"] = Field(
         1, description="every source's first level (capped at its top level), or 'probe': measure the "
         "policy's pass rate level by level and start each source where it is nearest 0.5")
-    probe_prompts: int = Field(16, ge=1, description="probe: prompts per level, each sampled group_size times")
+    probe_prompts: int = Field(16, ge=1, description="probe: prompts per level, each sampled rollout.group_size "
+                               "times")
     adaptive: bool = True
     raise_above: float = Field(0.7, ge=0.0, le=1.0)
     lower_at_or_below: float = Field(0.0, ge=0.0, le=1.0)
@@ -272,6 +315,8 @@ class StageBase(StrictModel):
     lr: float = Field(gt=0)
     warmup_steps: int = Field(0, ge=0)
     eval_at_end: bool = True
+    eval: EvalConfig = Field(EvalConfig(), description="the evaluation at the stage's end: the recipe's "
+                             "`eval` with the stage's own fields over it")
     aggregation_share: float = Field(0.0, ge=0.0, lt=1.0, description="share of each step's prompts that "
                                      "are round-1 aggregation prompts (Markovian RSA, self-aggregation) "
                                      "carrying tails of the policy's own samples of the same task: in RL its "
@@ -294,21 +339,24 @@ class SftStage(StageBase):
 class RlStage(StageBase):
     kind: Literal["rl"]
     prompts_per_step: int = Field(16, ge=1)
-    group_size: int = Field(8, ge=2)
-    temperature: float = Field(1.0, gt=0.0)
-    max_tokens: int = Field(64, ge=1)
+    rollout: RolloutConfig = Field(RolloutConfig(), description="the recipe's `rollout` with the stage's own "
+                                   "fields over it")
     minibatches: int = Field(1, ge=1, description="optimizer steps per generated batch (PPO epochs of one "
                              "pass); each later minibatch is slightly off-policy, which the clip handles")
-    algorithm: AlgorithmConfig = AlgorithmConfig()
-    curriculum: CurriculumConfig = CurriculumConfig()
+    algorithm: AlgorithmConfig = Field(AlgorithmConfig(), description="the recipe's `algorithm` with the "
+                                       "stage's own fields over it")
+    curriculum: CurriculumConfig = Field(CurriculumConfig(), description="the recipe's `curriculum` with the "
+                                         "stage's own fields over it")
 
     @model_validator(mode="after")
     def _check(self) -> RlStage:
-        if self.aggregation_share > 0 and self.aggregation_tails > self.group_size:
-            raise ValueError(f"aggregation_tails ({self.aggregation_tails}) must be <= group_size ({self.group_size})")
+        group_size, max_tokens = self.rollout.group_size, self.rollout.max_tokens
+        if self.aggregation_share > 0 and self.aggregation_tails > group_size:
+            raise ValueError(f"aggregation_tails ({self.aggregation_tails}) must be <= rollout.group_size "
+                             f"({group_size})")
         buffer = self.algorithm.overlong_buffer
-        if buffer is not None and buffer > self.max_tokens:
-            raise ValueError(f"algorithm.overlong_buffer ({buffer}) must be <= max_tokens ({self.max_tokens})")
+        if buffer is not None and buffer > max_tokens:
+            raise ValueError(f"algorithm.overlong_buffer ({buffer}) must be <= rollout.max_tokens ({max_tokens})")
         return self
 
 
@@ -364,13 +412,26 @@ class MetricsConfig(StrictModel):
                                                      "without an account; `wandb sync` uploads it later")
 
 
+# One model, cluster, DeepSpeed engine, checkpoint and metrics policy per run.
+JOB_WIDE = ("model", "resources", "deepspeed", "checkpoint", "metrics")
+# The recipe's blocks a stage of each kind may override field by field (`data` it replaces whole).
+STAGE_BLOCKS = {"rl": ("rollout", "algorithm", "curriculum", "eval"), "sft": ("eval",)}
+
+
 class Recipe(StrictModel):
     name: str = Field(min_length=1)
     seed: int = 0
     run_dir: Path = Path("runs/default")
     model: ModelConfig = ModelConfig()
     tasks: TasksConfig = TasksConfig()
-    eval: EvalConfig = EvalConfig()
+    eval: EvalConfig = Field(EvalConfig(), description="every stage's evaluation, unless the stage overrides "
+                             "fields of it")
+    rollout: RolloutConfig = Field(RolloutConfig(), description="every rl stage's sampling and the RSA "
+                                   "defaults, unless the stage overrides fields of it")
+    algorithm: AlgorithmConfig = Field(AlgorithmConfig(), description="every rl stage's algorithm, unless "
+                                       "the stage overrides fields of it")
+    curriculum: CurriculumConfig = Field(CurriculumConfig(), description="every rl stage's curriculum, unless "
+                                         "the stage overrides fields of it")
     resources: ResourcesConfig = ResourcesConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     metrics: MetricsConfig = MetricsConfig()
@@ -392,6 +453,27 @@ class Recipe(StrictModel):
             values = {**values, "data": {"sources": [
                 {"kind": "gym", "name": tasks.generator, "generator": tasks.generator, "levels": levels}]}}
         return values
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stage_blocks(cls, values: Any) -> Any:
+        """A stage's rollout, algorithm, curriculum (rl) and eval are the recipe's blocks with
+        the stage's own fields merged over them, so every validated stage holds complete
+        settings; the job-wide blocks cannot be set by a stage."""
+        if not isinstance(values, dict) or not isinstance(values.get("stages"), list):
+            return values
+        stages = []
+        for i, stage in enumerate(values["stages"]):
+            stage = _given(stage)
+            if isinstance(stage, dict):
+                for key in JOB_WIDE:
+                    if key in stage:
+                        raise _at(f"stages.{i}.{key}", f"stage {stage.get('name', i)!r}: {key} is job-wide: "
+                                  "set it once at the recipe's top level")
+                keys = STAGE_BLOCKS.get(stage.get("kind"), ())
+                stage = {**stage, **{k: _merged(_given(values.get(k)) or {}, _given(stage.get(k, {}))) for k in keys}}
+            stages.append(stage)
+        return {**values, "stages": stages}
 
     def data_for(self, stage: SftStage | RlStage) -> DataConfig:
         return stage.data or self.data
@@ -429,9 +511,22 @@ class Recipe(StrictModel):
         if self.resources.rollout_engine != "vllm" and any(
                 isinstance(s, RlStage) and s.algorithm.router_replay for s in self.stages):
             raise ValueError("algorithm.router_replay needs resources.rollout_engine 'vllm'")
-        if max(self.eval.levels) > self.tasks.max_level:
-            raise ValueError("eval.levels has a level above tasks.max_level")
+        for loc, cfg in [("eval", self.eval)] + [(f"stages.{i}.eval", s.eval) for i, s in enumerate(self.stages)]:
+            if max(cfg.levels) > self.tasks.max_level:
+                raise _at(f"{loc}.levels", f"{loc}.levels has a level above tasks.max_level")
         return self
+
+
+def _given(block: Any) -> Any:
+    """A block as the fields it was given: a model (a recipe built in Python) as its set fields."""
+    return block.model_dump(exclude_unset=True) if isinstance(block, BaseModel) else block
+
+
+def _merged(base: Any, override: Any) -> Any:
+    """`override` over `base`, mapping into mapping; anything else in `override` replaces."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        return {**base, **{k: _merged(base.get(k), v) for k, v in override.items()}}
+    return override
 
 
 def _check_stage_source(stage: SftStage | RlStage, source: SourceBase, loc: str) -> None:

@@ -1,10 +1,11 @@
 """Task sources: procedural problems from reasoning-gym (offline), JSONL/Parquet files of
 verifiable problems, and code problems with tests (HumanEval, user JSONL).
 
-A `Task` carries its prompt, its gold answer (or, for code, its tests), a worked solution
-(the target of SFT) and its difficulty level. Every source has levels (a file's rows carry
-one, or are all level 0), `take(level, count)`, and a position that is its whole state, so a
-checkpoint that stores it resumes on exactly the next task.
+A `Task` carries its prompt, its gold answer (or, for code, its tests; for reasoning-gym
+items other than chain_sum, a `GymRef` to score it with the generator's own scorer), a worked
+solution (the target of SFT) and its difficulty level. Every source has levels (a file's
+rows carry one, or are all level 0), `take(level, count)`, and a position that is its whole
+state, so a checkpoint that stores it resumes on exactly the next task.
 
 Training and held-out problems come from disjoint seed ranges, and a training stream also
 skips any problem whose prompt is in the held-out set: easy levels have few distinct
@@ -20,12 +21,10 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
-import reasoning_gym
-
 from rewards.code import AssertTests
+from rewards.gym import BLOCK, GymRef, gym_dataset
 from zaya_rl.recipe import CHAIN_SUM_LEVELS, CodeSource, FileSource, GymSource, Source
 
-BLOCK = 4096  # problems generated per reasoning-gym dataset instance
 # reasoning-gym seeds item i of a dataset with Random(seed + i), so dataset seeds are spaced
 # BLOCK apart. Held-out data lives in region 0, training run `seed` in region seed + 1.
 REGION = 10**12
@@ -45,13 +44,16 @@ class Task:
     level: int
     source: str = ""
     tests: AssertTests | None = None  # code tasks are scored by running these, not by `answer`
+    gym: GymRef | None = None  # reasoning-gym items (except chain_sum) are scored by their generator
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @staticmethod
     def from_dict(d: dict) -> Task:
-        return Task(**{**d, "tests": AssertTests(**d["tests"]) if d["tests"] else None})
+        gym = d.get("gym")  # absent in checkpoints written before gym scoring
+        return Task(**{**d, "tests": AssertTests(**d["tests"]) if d["tests"] else None,
+                       "gym": GymRef(**gym) if gym else None})
 
 
 def render(expression: str) -> tuple[str, list[tuple[str, int]]]:
@@ -76,23 +78,18 @@ def worked_solution(expression: str) -> str:
     return "\n".join(lines) + f"\n\\boxed{{{current}}}"
 
 
-@lru_cache(maxsize=64)
-def _dataset(generator: str, settings_json: str, seed: int):
-    """reasoning-gym makes item i from Random(seed + i) when it is asked for, so items are made
-    one at a time: a block of a hard puzzle costs only what is drawn from it."""
-    return reasoning_gym.create_dataset(generator, **json.loads(settings_json), seed=seed, size=BLOCK)
-
-
 @lru_cache(maxsize=65536)
 def _task(generator: str, settings_json: str, level: int, seed: int, index: int, name: str) -> Task:
-    item = _dataset(generator, settings_json, seed)[index]
+    item = gym_dataset(generator, settings_json, seed)[index]
+    gym = None
     if generator == "chain_sum":  # our own compact format, with a worked solution
         expression = item["metadata"]["expression"]
         prompt, solution = render(expression)[0], worked_solution(expression)
-    else:
+    else:  # answers may be words, lists, grids: the generator's own scorer judges them
         prompt, solution = item["question"] + "\nPut the final answer in \\boxed{}.\n", ""
+        gym = GymRef(generator, settings_json, seed, index)
     return Task(uid=f"{generator}/{level}/{seed}/{index}", prompt=prompt, answer=str(item["answer"]),
-                solution=solution, level=level, source=name)
+                solution=solution, level=level, source=name, gym=gym)
 
 
 class TaskStream:

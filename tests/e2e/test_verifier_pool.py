@@ -1,5 +1,5 @@
-"""The verifier pool on a real local Ray: math and code items in order, and surviving an
-actor killed mid-batch (restart and retry)."""
+"""The verifier pool on a real local Ray: math, reasoning-gym and code items in order, and
+surviving an actor killed mid-batch (restart and retry)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,12 @@ import pytest
 import ray
 
 from rewards.code import CallTests, CodeVerdict, StdioTests
+from rewards.gym import verify_gym
+from rewards.math import verify
 from rewards.sandbox import Limits
 from workers.verifier import VerifierPool
+from zaya_rl.recipe import GymSource
+from zaya_rl.tasks import build_source
 
 pytestmark = pytest.mark.ray
 
@@ -77,6 +81,25 @@ def test_pool_survives_actor_killed_mid_batch(pool):
 
     completions, golds, expected = _batch(40)
     assert [v.correct for v in pool.score(completions, golds)] == expected
+
+
+def test_pool_scores_gym_items_by_their_generator(pool):
+    """Words and lists next to a math answer: each gym item gets its generator's score,
+    partial credit included, as the same function gives in this process."""
+    tasks = [t for g in ("word_sorting", "spell_backward")
+             for t in build_source(GymSource(kind="gym", name=g, generator=g), seed=0).take(0, 4)]
+    completions, golds = ["so \\boxed{3}"], ["3"]
+    for t in tasks:
+        words = t.answer.split(", ")
+        partial = ", ".join(words[:-2] + [words[-1], words[-2]]) if len(words) >= 3 else "zebra"
+        completions += [f"\\boxed{{{t.answer}}}", f"\\boxed{{{partial}}}", "\\boxed{zebra}", t.answer]
+        golds += [t.gym] * 4
+    verdicts = pool.score(completions, golds)
+    assert verdicts == [verify(c, g) if isinstance(g, str) else verify_gym(c, g) for c, g in zip(completions, golds)]
+    rewards = [v.reward for v in verdicts]
+    assert rewards[0] == 1.0 and rewards[1::4] == [1.0] * len(tasks)  # math answer, gym golds
+    assert rewards[4::4] == [0.0] * len(tasks)  # no boxed answer
+    assert any(0.0 < r < 1.0 for r in rewards[2::4])  # word_sorting's partial credit
 
 
 ADD = CallTests("add", [([1, 2], 3), ([5, 5], 10)])

@@ -157,3 +157,75 @@ def test_shipped_gym_sources_generate_every_level():
             for level in range(source.num_levels):
                 for task in source.take(level, 3):
                     float(task.answer.replace("/", ""))
+
+
+BLOCKS = """name: x
+eval: {num_problems: 50, levels: [1], max_tokens: 32}
+rollout: {group_size: 4, max_tokens: 32, rsa: {tails: 2}}
+algorithm: {advantage: rloo, kl_coef: 0.01, clip_high: 0.3}
+curriculum: {start_level: 0, window: 8}
+stages:
+  - {name: a, kind: sft, steps: 1, lr: 0.1, eval: {num_problems: 10}}
+  - name: b
+    kind: rl
+    steps: 1
+    lr: 0.1
+    rollout: {temperature: 0.5, rsa: {population: 4}}
+    algorithm: {kl_coef: 0.0}
+  - {name: c, kind: rl, steps: 1, lr: 0.1}
+"""
+
+
+def test_stage_blocks_are_the_recipes_with_the_stages_fields_over_them(tmp_path):
+    recipe = load_recipe(_write(tmp_path, BLOCKS))
+    a, b, c = recipe.stages
+    assert (b.algorithm.advantage, b.algorithm.kl_coef, b.algorithm.clip_high) == ("rloo", 0.0, 0.3)
+    assert (b.rollout.group_size, b.rollout.max_tokens, b.rollout.temperature) == (4, 32, 0.5)
+    assert (b.rollout.rsa.population, b.rollout.rsa.tails) == (4, 2)  # merged one level further down
+    assert (c.rollout, c.algorithm, c.curriculum) == (recipe.rollout, recipe.algorithm, recipe.curriculum)
+    assert b.curriculum.window == 8 and recipe.rollout.rsa.population == 8
+    assert (a.eval.num_problems, a.eval.levels, a.eval.max_tokens) == (10, [1], 32)
+    assert b.eval == c.eval == recipe.eval
+    # `zaya-rl show` writes each stage's complete blocks, and they load back to the same recipe.
+    shown = yaml.safe_load(dump_recipe(recipe))
+    assert shown["stages"][1]["algorithm"]["clip_high"] == 0.3 and shown["stages"][2]["rollout"]["group_size"] == 4
+    assert Recipe.model_validate(shown) == recipe
+
+
+def test_a_merged_stage_block_is_validated_where_the_stage_sets_it(tmp_path):
+    path = _write(tmp_path, BLOCKS.replace("rsa: {population: 4}", "rsa: {population: 1}"))
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    assert f"{path}:12: stages.1.rl.rollout.rsa: " in str(err.value), str(err.value)
+    assert "tails (2) must be <= population (1)" in str(err.value)
+
+
+@pytest.mark.parametrize("block", ["model: {path: null}", "resources: {num_verifiers: 1}", "deepspeed: {zero_stage: 0}",
+                                   "checkpoint: {every_steps: 5}", "metrics: {wandb_mode: online}"])
+def test_a_stage_cannot_set_a_job_wide_block(tmp_path, block):
+    stage_line = "    algorithm: {kl_coef: 0.0}\n"
+    path = _write(tmp_path, BLOCKS.replace(stage_line, f"{stage_line}    {block}\n"))
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    field = block.split(":")[0]
+    assert f"{path}:14: stages.1.{field}: " in str(err.value), str(err.value)
+    assert f"stage 'b': {field} is job-wide" in str(err.value)
+
+
+def test_eval_cli_takes_rsa_settings_from_the_recipe_unless_flags_say_otherwise(tmp_path):
+    import argparse
+
+    from zaya_rl.cli import add_eval_parser, rsa_config
+    from zaya_rl.rsa import RsaConfig
+
+    parser = argparse.ArgumentParser()
+    add_eval_parser(parser.add_subparsers(dest="command"))
+    recipe = load_recipe(_write(tmp_path, "name: x\nseed: 5\neval: {temperature: 0.7}\nrollout: {max_tokens: 48, "
+                                "rsa: {population: 6, tails: 3, rounds: 1, hybrid: true}}\n"
+                                "stages:\n  - {name: a, kind: sft, steps: 1, lr: 0.1}\n"))
+    assert rsa_config(parser.parse_args(["eval"]), recipe) == RsaConfig(
+        population=6, tails=3, rounds=1, budget=48, tail_tokens=24, temperature=0.7, seed=5, hybrid=True)
+    flags = ["eval", "--tails", "2", "--budget", "20", "--no-hybrid", "--temperature", "0", "--seed", "1"]
+    assert rsa_config(parser.parse_args(flags), recipe) == RsaConfig(
+        population=6, tails=2, rounds=1, budget=20, tail_tokens=10, temperature=0.0, seed=1, hybrid=False)
+    assert rsa_config(parser.parse_args(["eval", "--tail-tokens", "8"]), None) == RsaConfig(tail_tokens=8)
