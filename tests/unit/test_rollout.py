@@ -57,3 +57,18 @@ def test_greedy_is_deterministic_and_reports_finish(rollout):
 def test_unknown_engine_is_rejected(tiny_checkpoint):
     with pytest.raises(ValueError, match="unknown rollout engine"):
         Rollout("nope", str(tiny_checkpoint))
+
+
+def test_vllm_texts_equal_vllms_own_detokenization(tiny_checkpoint):
+    """The engine decodes texts once after generation; they must be what vLLM's incremental
+    detokenizer gives for the same samples."""
+    from vllm import SamplingParams
+
+    rollout = Rollout("vllm", str(tiny_checkpoint), seed=0, max_model_len=128, torch_threads=2)
+    ours = rollout.generate(PROMPTS, n=4, temperature=1.0, max_tokens=24, seed=7)
+    params = SamplingParams(n=4, temperature=1.0, max_tokens=24, logprobs=0, seed=7)
+    theirs = rollout.engine.llm.generate(PROMPTS, params, use_tqdm=False)
+    pairs = [(c, o) for group, out in zip(ours, theirs) for c, o in zip(group, out.outputs)]
+    assert all(c.token_ids == list(o.token_ids) for c, o in pairs)  # the same samples
+    assert [c.text for c, _ in pairs] == [o.text for _, o in pairs]
+    assert any(c.text for c, _ in pairs)
