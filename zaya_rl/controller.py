@@ -279,10 +279,12 @@ class Controller:
                 "position": asdict(pos), "data": self._data_positions(), "curriculum": curriculum.state()})
         if isinstance(stage, RlStage) and not curriculum.prepared:
             self.prepare_curriculum(stage, curriculum, times)
+        steps = stage.steps or math.ceil(stage.epochs * curriculum.num_prompts() / (
+            stage.batch_size if isinstance(stage, SftStage) else stage.prompts_per_step))
         start = time.perf_counter() - pos.stage_seconds
         with Progress(transient=False) as progress:
-            bar = progress.add_task(f"{stage.kind} {stage.name}", total=stage.steps, completed=pos.step)
-            while pos.step < stage.steps:
+            bar = progress.add_task(f"{stage.kind} {stage.name}", total=steps, completed=pos.step)
+            while pos.step < steps:
                 if stage.max_seconds and time.perf_counter() - start > stage.max_seconds:
                     break
                 tokens, generate_seconds = times.generated_tokens, times.seconds.get("generate", 0.0)
@@ -293,7 +295,7 @@ class Controller:
                 if times.generated_tokens > tokens:  # the engines' throughput in this step
                     stats["rollout_tokens_per_second"] = ((times.generated_tokens - tokens)
                                                           / (times.seconds["generate"] - generate_seconds))
-                self.metrics.log(stage.name, pos.step, stats, steps=stage.steps)
+                self.metrics.log(stage.name, pos.step, stats, steps=steps)
                 progress.update(bar, advance=1, description=f"{stage.kind} {stage.name} {_brief(stats)}")
                 pos.step += 1
                 pos.global_step += 1

@@ -115,6 +115,12 @@ class AdaptiveCurriculum:
         self.stats[name].level = level
         self.stats[name].recent.clear()
 
+    def num_prompts(self) -> int:
+        """Prompts in one pass over the stage's data: each source's pool where the pass-rate
+        filter made one, else all its rows (the recipe allows epochs only over finite sources)."""
+        return sum(len(self.pools[name]) if name in self.pools else self.sources[name].num_rows
+                   for name in self.sources)
+
     def set_pool(self, name: str, tasks: list[Task]) -> None:
         self.pools[name] = tasks
         self.pool_position[name] = 0

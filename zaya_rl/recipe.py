@@ -310,7 +310,11 @@ class CurriculumConfig(StrictModel):
 
 class StageBase(StrictModel):
     name: str = Field(min_length=1)
-    steps: int = Field(ge=1)
+    steps: int | None = Field(None, ge=1, description="optimizer steps of the stage (or give epochs)")
+    epochs: float | None = Field(None, gt=0, description="passes over the stage's data instead of steps: "
+                                 "its sources' rows (file and code sources; after a pass-rate filter, the "
+                                 "rows it kept) in steps of batch_size (sft) or prompts_per_step (rl) prompts, "
+                                 "rounded up")
     max_seconds: float | None = Field(None, gt=0, description="stop the stage early after this wall time")
     lr: float = Field(gt=0)
     warmup_steps: int = Field(0, ge=0)
@@ -325,6 +329,12 @@ class StageBase(StrictModel):
     aggregation_tails: int = Field(4, ge=1, description="C: candidate tails per aggregation prompt")
     aggregation_tail_tokens: int = Field(32, ge=1, description="τ: tokens carried from each candidate")
     data: DataConfig | None = Field(None, description="this stage's data mixture; null: the recipe's")
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> StageBase:
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError(f"stage {self.name!r}: give either steps or epochs")
+        return self
 
 
 class SftStage(StageBase):
@@ -503,6 +513,9 @@ class Recipe(StrictModel):
                               "a name is one source (its data position carries over between stages; only "
                               "its weight may differ)")
                 _check_stage_source(stage, source, f"stages.{i}")
+            if stage.epochs is not None and any(isinstance(source, GymSource) for source in data.sources):
+                raise _at(f"stages.{i}.epochs", f"stage {stage.name!r}: epochs need finite data; gym sources "
+                          "generate without end: give steps")
             if isinstance(stage, SftStage) and data.filter is not None:
                 raise _at(f"{data_loc}.filter", f"stage {stage.name!r}: data.filter is for rl stages")
             if isinstance(stage, RlStage) and data.filter is not None and stage.curriculum.adaptive:

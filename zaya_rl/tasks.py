@@ -153,6 +153,10 @@ class RowTasks:
             raise ValueError(f"source {name!r} has no rows at levels {missing} (levels are 0..{self.num_levels - 1})")
         self.position: dict[int, int] = {}
 
+    @property
+    def num_rows(self) -> int:
+        return sum(len(rows) for rows in self.by_level.values())
+
     def take(self, level: int, count: int) -> list[Task]:
         if level not in self.by_level:
             raise ValueError(f"{self.name} has levels 0..{self.num_levels - 1}, got {level}")

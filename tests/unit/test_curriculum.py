@@ -105,3 +105,10 @@ def test_state_round_trip_through_json():
     assert batches[id(restored)] == batches[id(c)]
     assert restored.state() == c.state()
     assert restored.metrics() == c.metrics()
+
+
+def test_one_pass_counts_every_row_or_the_filtered_pool():
+    cur = mixture({"a": 1.0, "b": 1.0})  # 3 levels x 5 rows each
+    assert cur.num_prompts() == 30
+    cur.set_pool("b", cur.sources["b"].take(0, 2))
+    assert cur.num_prompts() == 15 + 2
