@@ -70,7 +70,7 @@ class VllmEngine:
         params = SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, logprobs=0,
                                 seed=seed, detokenize=False)
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        routing = self.llm.collective_rpc(_RoutingCapture.take)[0] if self.return_routed_experts else {}
+        routing = _by_request(self.llm.collective_rpc(_RoutingCapture.take)[0]) if self.return_routed_experts else {}
         texts = iter(self.tokenizer.batch_decode([c.token_ids for out in outputs for c in out.outputs],
                                                  skip_special_tokens=True))
         return [
@@ -160,14 +160,18 @@ class _RoutingCapture:
         return out
 
 
+def _by_request(routing: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The captured routing keyed by request without vLLM's random suffix: vLLM names a request
+    "<id>-<random>" and, when n > 1, the sample of index i "<i>_<id>-<random>"."""
+    return {key.rsplit("-", 1)[0]: rows for key, rows in routing.items()}
+
+
 def _routing_of(routing: dict[str, np.ndarray], out, completion, n: int) -> np.ndarray:
-    """One completion's routing. vLLM names a request "<id>-<random>" and, when n > 1, the
-    sample of index i "<i>_<id>-<random>"."""
-    prefix = f"{completion.index}_{out.request_id}-" if n > 1 else f"{out.request_id}-"
-    keys = [k for k in routing if k.startswith(prefix)]
-    if len(keys) != 1:
+    """One completion's routing, from `_by_request`'s index."""
+    key = f"{completion.index}_{out.request_id}" if n > 1 else out.request_id
+    if key not in routing:
         raise RuntimeError(f"no routing captured for request {out.request_id} sample {completion.index}")
-    rows = routing[keys[0]]
+    rows = routing[key]
     expected = len(out.prompt_token_ids) + len(completion.token_ids) - 1
     if len(rows) != expected or (rows < 0).any():
         raise RuntimeError(f"engine routing covers {len(rows)} tokens, expected {expected}")

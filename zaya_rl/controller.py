@@ -364,10 +364,8 @@ class Controller:
 
     def pass_rates(self, tasks: list[Task], samples: int, stage: RlStage, times: StageTimes) -> list[float]:
         """Each task's pass rate over `samples` samples of the policy at the stage's settings."""
-        with Timer(times, "generate"):
-            groups = self.generate([t.prompt for t in tasks], samples, stage.rollout.temperature,
-                                   stage.rollout.max_tokens)
-        times.generated_tokens += sum(len(c.token_ids) for group in groups for c in group)
+        groups = self.generate([t.prompt for t in tasks], samples, stage.rollout.temperature,
+                               stage.rollout.max_tokens, times)
         with Timer(times, "verify"):
             correct = self.score_tasks([t for t in tasks for _ in range(samples)],
                                        [c.text for group in groups for c in group])
@@ -407,10 +405,8 @@ class Controller:
         to the worked solution."""
         with Timer(times, "sync"):
             self.sync_weights()
-        with Timer(times, "generate"):
-            groups = self.generate([t.prompt for t in tasks], stage.aggregation_tails, 1.0,
-                                   stage.aggregation_max_tokens)
-        times.generated_tokens += sum(len(c.token_ids) for group in groups for c in group)
+        groups = self.generate([t.prompt for t in tasks], stage.aggregation_tails, 1.0,
+                               stage.aggregation_max_tokens, times)
         return [self._aggregated(task, group, stage) for task, group in zip(tasks, groups)]
 
     def _aggregated(self, task: Task, group: list[Completion], stage: SftStage | RlStage) -> Task:
@@ -462,9 +458,8 @@ class Controller:
             plain = curriculum.next_batch(need - len(aggregated))
             tasks = plain + aggregated
             num_aggregated += len(aggregated)
-            with Timer(times, "generate"):
-                groups = self.generate([t.prompt for t in tasks], rollout.group_size, rollout.temperature,
-                                       rollout.max_tokens)
+            groups = self.generate([t.prompt for t in tasks], rollout.group_size, rollout.temperature,
+                                   rollout.max_tokens, times)
             flat = [c for group in groups for c in group]
             with Timer(times, "verify"):
                 correct = self.score_tasks([t for t in tasks for _ in range(rollout.group_size)],
@@ -482,7 +477,6 @@ class Controller:
             kept_rewards += [rewards[g] for g in keep]
             if len(kept_groups) == stage.prompts_per_step:
                 break
-        times.generated_tokens += num_tokens
         rewards = torch.stack(kept_rewards) if kept_rewards else torch.zeros(0, rollout.group_size)
         seen = {"correct": correct_sum / num_samples, "groups": num_samples // rollout.group_size,
                 "tokens": num_tokens / num_samples, "aggregated": num_aggregated}
@@ -509,8 +503,16 @@ class Controller:
 
     # ---- shared pieces ---------------------------------------------------------------
 
-    def generate(self, prompts: list[str], n: int, temperature: float, max_tokens: int,
+    def generate(self, prompts: list[str], n: int, temperature: float, max_tokens: int, times: StageTimes,
                  seed: int | None = None) -> list[list[Completion]]:
+        """`_generate`, its seconds and generated tokens counted in `times`."""
+        with Timer(times, "generate"):
+            groups = self._generate(prompts, n, temperature, max_tokens, seed)
+        times.generated_tokens += sum(len(c.token_ids) for group in groups for c in group)
+        return groups
+
+    def _generate(self, prompts: list[str], n: int, temperature: float, max_tokens: int,
+                  seed: int | None) -> list[list[Completion]]:
         """Fan prompts out over the rollout workers in contiguous chunks; gather in order.
 
         A worker that Ray restarted mid-call reran it on the initial weights: such a batch is
@@ -542,15 +544,14 @@ class Controller:
         out = {}
         modes = [("sampled", cfg.temperature)] + ([("greedy", 0.0)] if cfg.greedy else [])
         for mode, temperature in modes:
-            start = time.perf_counter()
-            groups = self.generate([t.prompt for t in tasks], 1, temperature, cfg.max_tokens,
+            times = StageTimes()
+            groups = self.generate([t.prompt for t in tasks], 1, temperature, cfg.max_tokens, times,
                                    seed=self.recipe.seed)
-            seconds = time.perf_counter() - start
             texts = [g[0].text for g in groups]
             verdicts = self.verifiers.score(texts, [t.answer for t in tasks])
             acc = accuracy_with_interval([v.correct for v in verdicts])
-            tokens = sum(len(g[0].token_ids) for g in groups)
-            out[f"eval_{mode}"] = {**acc, "generated_tokens_per_second": tokens / seconds,
+            tokens_per_second = times.generated_tokens / times.seconds["generate"]
+            out[f"eval_{mode}"] = {**acc, "generated_tokens_per_second": tokens_per_second,
                                    "by_level": _by_level(tasks, verdicts)}
         out["eval_accuracy"] = out["eval_sampled"]["accuracy"]
         out["generated_tokens_per_second"] = out["eval_sampled"]["generated_tokens_per_second"]
