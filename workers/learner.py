@@ -335,8 +335,7 @@ class Learner:
         partitions the parameters too: every rank must call this (the gather is collective),
         and ranks other than 0 get {}.
         """
-        state = self._full_state_dict()
-        return {} if self.zero_stage == 3 and self.rank != 0 else state
+        return self._full_state_dict(wanted=self.zero_stage != 3 or self.rank == 0)
 
     def save(self, path: str) -> None:
         """Rank 0 writes an HF checkpoint directory (weights, config, tokenizer) atomically."""
@@ -404,12 +403,15 @@ class Learner:
             logits = self.reference(input_ids=t.input_ids, attention_mask=t.attention_mask, use_cache=False).logits
         return completion_logprobs(logits, t, temperature)
 
-    def _full_state_dict(self) -> dict[str, torch.Tensor]:
-        """fp32 CPU copies of all weights on this rank; under ZeRO-3 a collective gather."""
+    def _full_state_dict(self, wanted: bool = True) -> dict[str, torch.Tensor]:
+        """fp32 CPU copies of all weights on this rank; under ZeRO-3 a collective gather, which
+        a rank that does not want the copy joins and answers {}."""
         import deepspeed
 
         module = self.engine.module
         with deepspeed.zero.GatheredParameters(list(module.parameters()), enabled=self.zero_stage == 3):
+            if not wanted:
+                return {}
             return {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in module.state_dict().items()}
 
     def _token_share(self, mask: torch.Tensor) -> float:
