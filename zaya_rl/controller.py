@@ -410,8 +410,9 @@ class Controller:
         return [self._aggregated(task, group, stage) for task, group in zip(tasks, groups)]
 
     def _aggregated(self, task: Task, group: list[Completion], stage: SftStage | RlStage) -> Task:
-        [prompt] = rsa.aggregation_prompts(task.prompt, group, 1, stage.aggregation_tails,
-                                           stage.aggregation_tail_tokens, self.tokenizer, self.rng)
+        [prompt] = rsa.aggregation_prompts(task.prompt, group,
+                                           rsa.draw_candidates(len(group), 1, stage.aggregation_tails, self.rng),
+                                           stage.aggregation_tail_tokens, self.tokenizer)
         return replace(task, uid=task.uid + "/aggregated", prompt=prompt)
 
     def rl_step(self, stage: RlStage, step: int, curriculum: AdaptiveCurriculum, times: StageTimes) -> dict:

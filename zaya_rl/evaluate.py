@@ -9,7 +9,10 @@ a checkpoint, no Ray). On one set of tasks it reports:
 - RSA: mean correctness of the final population (the paper's "pass@1") and its majority;
 - a matched-token baseline: majority vote over k fresh samples, k chosen so that they cost
   about as many generated tokens as RSA spent;
-- generated tokens per problem for each, and per round the longest prompt and its time.
+- generated tokens per problem for each, and per round the longest prompt and its time;
+- per aggregation round, the accuracy a vote among the candidates each member was shown would
+  have had, and how often a member's answer was one of theirs: an aggregator worth its tokens
+  beats that vote, one that ignores its candidates copies at about the population's rate.
 
 Answers are scored by `MathVerifier` (a killable child process): model output is untrusted.
 """
@@ -21,23 +24,33 @@ from dataclasses import asdict
 from pathlib import Path
 
 from rewards.math import MathVerifier, extract_answer
-from zaya_rl.rsa import RsaConfig, readouts, template_overhead_tokens
+from zaya_rl.rsa import RsaConfig, plurality_correctness, readouts, template_overhead_tokens
 from zaya_rl.tasks import Task
 
 
-def score(groups, tasks: list[Task], verifier: MathVerifier) -> list[dict[str, float]]:
-    """Read-outs (mean, majority, pass@N) of each task's group of completions."""
+def judge(groups, tasks: list[Task], verifier: MathVerifier) -> list[tuple[list[str | None], list[bool]]]:
+    """Each task's group of completions as (extracted answers, correctness)."""
     items = [(c.text, task.answer) for task, group in zip(tasks, groups) for c in group]
     verdicts = iter(verifier.score(items))
-    out = []
-    for group in groups:
-        correct = [next(verdicts).correct for _ in group]
-        out.append(readouts([extract_answer(c.text) for c in group], correct))
-    return out
+    return [([extract_answer(c.text) for c in group], [next(verdicts).correct for _ in group]) for group in groups]
 
 
 def _mean(rows: list[dict[str, float]], key: str) -> float:
     return sum(r[key] for r in rows) / len(rows)
+
+
+def aggregation_readouts(before: list[tuple[list, list[bool]]], after: list[tuple[list, list[bool]]],
+                         draws: list[list[list[int]]]) -> dict[str, float]:
+    """What one aggregation round did with the candidates each member was shown: the
+    correctness a vote among them would have had (the bar an aggregator should clear), and how
+    often the member's answer was one of theirs (copying rather than solving anew)."""
+    vote, copied, members = 0.0, 0, 0
+    for (answers, correct), (new_answers, _), drawn in zip(before, after, draws):
+        for member, idx in enumerate(drawn):
+            vote += plurality_correctness([answers[i] for i in idx], [correct[i] for i in idx])
+            copied += new_answers[member] is not None and new_answers[member] in {answers[i] for i in idx}
+            members += 1
+    return {"candidate_vote_accuracy": vote / members, "answer_from_candidates": copied / members}
 
 
 def evaluate(rollout, tasks: list[Task], cfg: RsaConfig, verifier: MathVerifier) -> dict:
@@ -46,7 +59,8 @@ def evaluate(rollout, tasks: list[Task], cfg: RsaConfig, verifier: MathVerifier)
     questions = [t.prompt for t in tasks]
     start = time.perf_counter()
     result = rollout.rsa(questions, cfg)
-    per_round = [score(pop, tasks, verifier) for pop in result.populations]
+    judged = [judge(pop, tasks, verifier) for pop in result.populations]
+    per_round = [[readouts(*group) for group in pop] for pop in judged]
     first, final = per_round[0], per_round[-1]
     first_tokens = result.rounds[0].generated_tokens
     rsa_tokens = sum(r.generated_tokens for r in result.rounds)
@@ -56,7 +70,7 @@ def evaluate(rollout, tasks: list[Task], cfg: RsaConfig, verifier: MathVerifier)
     k = max(1, round(rsa_tokens / num / tokens_per_sample))
     matched = rollout.generate(questions, k, cfg.temperature, cfg.budget)
     matched_tokens = sum(len(c.token_ids) for group in matched for c in group)
-    matched_scores = score(matched, tasks, verifier)
+    matched_scores = [readouts(*group) for group in judge(matched, tasks, verifier)]
 
     return {
         "num_problems": num,
@@ -70,7 +84,8 @@ def evaluate(rollout, tasks: list[Task], cfg: RsaConfig, verifier: MathVerifier)
         "matched_majority": {"accuracy": _mean(matched_scores, "majority"), "samples": k,
                              "tokens_per_problem": matched_tokens / num},
         "pass_at_n": {"round_0": _mean(first, "pass_at_n"), "final": _mean(final, "pass_at_n")},
-        "rounds": [{"round": t, **asdict(stats), "mean_accuracy": _mean(scores, "mean")}
+        "rounds": [{"round": t, **asdict(stats), "mean_accuracy": _mean(scores, "mean"),
+                    **(aggregation_readouts(judged[t - 1], judged[t], result.draws[t - 1]) if t else {})}
                    for t, (stats, scores) in enumerate(zip(result.rounds, per_round))],
         "seconds": time.perf_counter() - start,
     }
@@ -123,7 +138,14 @@ def format_report(report: dict) -> str:
     lines.append(f"pass@{cfg['population']}: round 0 {report['pass_at_n']['round_0']:.3f}, "
                  f"final {report['pass_at_n']['final']:.3f}")
     lines.append(f"{'round':>5} {'prompts':>8} {'longest prompt':>15} {'gen tokens':>11} {'seconds':>8} "
-                 f"{'mean acc':>9}")
+                 f"{'mean acc':>9} {'vote of shown':>13} {'copied':>7}")
     lines += [f"{r['round']:5d} {r['prompts']:8d} {r['longest_prompt_tokens']:15d} {r['generated_tokens']:11d} "
-              f"{r['seconds']:8.1f} {r['mean_accuracy']:9.3f}" for r in report["rounds"]]
+              f"{r['seconds']:8.1f} {r['mean_accuracy']:9.3f} {_share(r, 'candidate_vote_accuracy'):>13} "
+              f"{_share(r, 'answer_from_candidates'):>7}" for r in report["rounds"]]
+    lines.append("vote of shown: accuracy of a vote among the candidates each member was shown; "
+                 "copied: share of members whose answer is one of theirs")
     return "\n".join(lines)
+
+
+def _share(row: dict, key: str) -> str:
+    return f"{row[key]:.3f}" if key in row else "-"

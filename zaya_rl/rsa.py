@@ -88,6 +88,9 @@ class RoundStats:
 class RsaResult:
     populations: list[list[list[CompletionLike]]]  # [round][problem][member], rounds 0..T
     rounds: list[RoundStats]
+    # [round - 1][problem][member]: indices of the previous round's members this member was
+    # given (continuation: the member itself), so read-outs can judge what aggregation did.
+    draws: list[list[list[list[int]]]]
 
     @property
     def final(self) -> list[list[CompletionLike]]:
@@ -131,16 +134,19 @@ def tail(candidate: CompletionLike, tail_tokens: int, tokenizer: TokenizerLike, 
     return last_tokens(text, tail_tokens, tokenizer)
 
 
-def aggregation_prompts(question: str, candidates: Sequence[CompletionLike], num_prompts: int,
-                        tails: int, tail_tokens: int, tokenizer: TokenizerLike, rng: random.Random,
-                        hybrid: bool = False) -> list[str]:
-    """`num_prompts` aggregation prompts for one question, each carrying `tails` tails drawn
-    uniformly without replacement from `candidates` (draws independent across prompts)."""
-    if tails > len(candidates):
-        raise ValueError(f"cannot draw {tails} tails from {len(candidates)} candidates")
+def draw_candidates(num_candidates: int, num_prompts: int, tails: int, rng: random.Random) -> list[list[int]]:
+    """For each of `num_prompts` prompts, `tails` candidate indices drawn uniformly without
+    replacement (draws independent across prompts)."""
+    if tails > num_candidates:
+        raise ValueError(f"cannot draw {tails} tails from {num_candidates} candidates")
+    return [rng.sample(range(num_candidates), tails) for _ in range(num_prompts)]
+
+
+def aggregation_prompts(question: str, candidates: Sequence[CompletionLike], draws: list[list[int]],
+                        tail_tokens: int, tokenizer: TokenizerLike, hybrid: bool = False) -> list[str]:
+    """One aggregation prompt for the question per draw, carrying the drawn candidates' tails."""
     cut = [tail(c, tail_tokens, tokenizer, hybrid) for c in candidates]
-    return [aggregation_prompt(question, [cut[i] for i in rng.sample(range(len(cut)), tails)])
-            for _ in range(num_prompts)]
+    return [aggregation_prompt(question, [cut[i] for i in draw]) for draw in draws]
 
 
 def run_rsa(generate: GenerateFn, tokenizer: TokenizerLike, questions: list[str],
@@ -150,21 +156,23 @@ def run_rsa(generate: GenerateFn, tokenizer: TokenizerLike, questions: list[str]
     start = time.perf_counter()
     population = generate(questions, cfg.population)
     rounds = [_stats(len(questions), [c for group in population for c in group], start)]
-    populations = [population]
+    populations, all_draws = [population], []
     for _ in range(cfg.rounds):
         start = time.perf_counter()
         if cfg.continuation:
+            draws = [[[j] for j in range(cfg.population)] for _ in questions]
             population, fresh, num_prompts = _continue(generate, tokenizer, questions, population, cfg)
         else:
-            prompts = [p for q, group in zip(questions, population)
-                       for p in aggregation_prompts(q, group, cfg.population, cfg.tails, cfg.tail_tokens,
-                                                    tokenizer, rng, cfg.hybrid)]
+            draws = [draw_candidates(len(group), cfg.population, cfg.tails, rng) for group in population]
+            prompts = [p for q, group, drawn in zip(questions, population, draws)
+                       for p in aggregation_prompts(q, group, drawn, cfg.tail_tokens, tokenizer, cfg.hybrid)]
             fresh = [group[0] for group in generate(prompts, 1)]
             population = [fresh[i * cfg.population:(i + 1) * cfg.population] for i in range(len(questions))]
             num_prompts = len(prompts)
         rounds.append(_stats(num_prompts, fresh, start))
         populations.append(population)
-    return RsaResult(populations, rounds)
+        all_draws.append(draws)
+    return RsaResult(populations, rounds, all_draws)
 
 
 def _continue(generate: GenerateFn, tokenizer: TokenizerLike, questions: list[str],
@@ -201,6 +209,18 @@ def majority_index(answers: Sequence[str | None]) -> int | None:
         return None
     best = counts.most_common(1)[0][0]
     return answers.index(best)
+
+
+def plurality_correctness(answers: Sequence[str | None], correct: Sequence[bool]) -> float:
+    """Expected correctness of a vote among these candidates with ties broken at random
+    (no answer counts as wrong): the bar an aggregator should clear."""
+    counts = Counter(a for a in answers if a is not None)
+    if not counts:
+        return 0.0
+    top = max(counts.values())
+    winners = {a for a, n in counts.items() if n == top}
+    right = {a for a, ok in zip(answers, correct) if ok and a in winners}
+    return len(right) / len(winners)
 
 
 def readouts(answers: Sequence[str | None], correct: Sequence[bool]) -> dict[str, float]:

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 import pytest
 
+from zaya_rl.evaluate import aggregation_readouts
 from zaya_rl.rsa import (
-    INSTRUCTION, RsaConfig, aggregation_prompt, last_tokens, majority_index, readouts, run_rsa,
-    template_overhead_tokens,
+    INSTRUCTION, RsaConfig, aggregation_prompt, last_tokens, majority_index, plurality_correctness, readouts,
+    run_rsa, template_overhead_tokens,
 )
 
 QUESTIONS = ["1+2=?\n", "10-3+4=?\n", "7+8-9=?\n"]
@@ -94,6 +95,10 @@ def test_full_tail_carries_whole_traces():
         expected = [aggregation_prompt(q, [group[i].text for i in rng.sample(range(4), 3)])
                     for q, group in zip(QUESTIONS, result.populations[t - 1]) for _ in range(4)]
         assert engine.calls[t][0] == expected
+        # The draws recorded are the ones the prompts were built from.
+        assert [aggregation_prompt(q, [group[i].text for i in draw])
+                for q, group, draws in zip(QUESTIONS, result.populations[t - 1], result.draws[t - 1])
+                for draw in draws] == expected
 
 
 def test_one_tail_with_continuation_is_chunked_thinking():
@@ -111,6 +116,7 @@ def test_one_tail_with_continuation_is_chunked_thinking():
                 if c.finished:
                     assert after[i][j] is c  # a finished trace is not sampled again
         assert result.rounds[t].prompts == len(open_traces)
+        assert result.draws[t - 1] == [[[j] for j in range(4)]] * len(QUESTIONS)
         assert result.rounds[t].longest_prompt_tokens <= max(map(len, QUESTIONS)) + 8
 
 
@@ -128,6 +134,20 @@ def test_majority_and_pass_at_n_readouts():
     assert readouts(["3", "4", "4", None], [True, False, False, False]) == \
         {"mean": 0.25, "majority": 0.0, "pass_at_n": 1.0}
     assert readouts([None, None], [False, False]) == {"mean": 0.0, "majority": 0.0, "pass_at_n": 0.0}
+
+
+def test_vote_among_shown_candidates_and_copying():
+    assert plurality_correctness(["3", "4", "4", "5"], [False, True, True, False]) == 1.0
+    assert plurality_correctness(["3", "4", "3", "4"], [True, False, True, False]) == 0.5  # a tie: a coin
+    assert plurality_correctness(["3", None, None, "4"], [False, False, False, True]) == 0.5
+    assert plurality_correctness([None, None], [False, False]) == 0.0
+    before = [(["1", "2", "2", "9"], [False, True, True, False])]
+    after = [(["2", "7", None], [True, False, False])]
+    draws = [[[0, 1, 2], [0, 3, 1], [3, 0, 1]]]
+    # Votes: "2" wins (right); a three-way tie ("1","9","2": 1/3 right); the same tie again.
+    readout = aggregation_readouts(before, after, draws)
+    assert readout["candidate_vote_accuracy"] == pytest.approx((1 + 1 / 3 + 1 / 3) / 3)
+    assert readout["answer_from_candidates"] == pytest.approx(1 / 3)  # "2" was shown; "7" and None were not
 
 
 @pytest.mark.parametrize("kw", [dict(tails=9), dict(tail_tokens=65), dict(tails=2, continuation=True),
@@ -179,4 +199,6 @@ def test_eval_cli_writes_json(tiny_checkpoint, tmp_path):
         assert 0.0 <= report[key]["accuracy"] <= 1.0 and report[key]["tokens_per_problem"] >= 0
     assert 0.0 <= report["pass_at_n"]["round_0"] <= 1.0
     assert len(report["rounds"]) == 2 and report["rounds"][1]["longest_prompt_tokens"] > 0
+    assert 0.0 <= report["rounds"][1]["candidate_vote_accuracy"] <= report["pass_at_n"]["round_0"]
+    assert 0.0 <= report["rounds"][1]["answer_from_candidates"] <= 1.0
     assert "RSA" in proc.stdout
