@@ -46,12 +46,12 @@ def paired_rsa(rollout: Rollout, questions: list[str], cfg: RsaConfig) -> dict:
     plain: list[dict] = []
     cpu_mark = time.process_time()
 
-    def generate(prompts: list[str], n: int):
+    def generate(prompts: list[str], n: int, temperature: float):
         nonlocal cpu_mark
-        out = rollout.generate(prompts, n, cfg.temperature, cfg.budget)
+        out = rollout.generate(prompts, n, temperature, cfg.budget)
         rsa_cpu = time.process_time() - cpu_mark  # since the last plain call: tail cutting + engine
         wall, cpu = time.perf_counter(), time.process_time()
-        groups = rollout.generate(questions, len(prompts) * n // len(questions), cfg.temperature, cfg.budget)
+        groups = rollout.generate(questions, len(prompts) * n // len(questions), temperature, cfg.budget)
         plain.append({"cpu_seconds": rsa_cpu, "plain_seconds": time.perf_counter() - wall,
                       "plain_cpu_seconds": time.process_time() - cpu,
                       "plain_generated_tokens": sum(len(c.token_ids) for g in groups for c in g)})

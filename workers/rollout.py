@@ -260,7 +260,7 @@ class Rollout:
     def rsa(self, questions: list[str], cfg: RsaConfig) -> RsaResult:
         """Markovian RSA (zaya_rl/rsa.py) on this engine: each round is one engine call for all
         questions, so the engine batches every problem's population together."""
-        return run_rsa(lambda prompts, n: self.generate(prompts, n, cfg.temperature, cfg.budget),
+        return run_rsa(lambda prompts, n, temperature: self.generate(prompts, n, temperature, cfg.budget),
                        self.engine.tokenizer, questions, cfg)
 
 

@@ -96,6 +96,9 @@ def add_eval_parser(sub) -> None:
     ev.add_argument("--temperature", type=float, help="default: recipe eval.temperature or 1.0")
     ev.add_argument("--hybrid", action=argparse.BooleanOptionalAction,
                     help="finished candidates pass their final-answer section (default: rollout.rsa.hybrid or off)")
+    ev.add_argument("--aggregation-temperature", type=float,
+                    help="temperature of the aggregation rounds (default: rollout.rsa.aggregation_temperature, "
+                         "else --temperature)")
     ev.add_argument("--continuation", action="store_true", help="Delethink chunking (needs --tails 1)")
     ev.add_argument("--num-problems", type=int, help="default: recipe eval.num_problems or 100")
     ev.add_argument("--levels", type=int, nargs="+", help="held-out levels (default: recipe eval.levels or 1)")

@@ -124,7 +124,9 @@ def format_report(report: dict) -> str:
     cfg = report["rsa"]
     lines = [
         f"{report['checkpoint']}: {report['num_problems']} problems; RSA N={cfg['population']} C={cfg['tails']} "
-        f"T={cfg['rounds']} budget={cfg['budget']} tail={cfg['tail_tokens']} temperature={cfg['temperature']}",
+        f"T={cfg['rounds']} budget={cfg['budget']} tail={cfg['tail_tokens']} temperature={cfg['temperature']}"
+        + ("" if cfg.get("aggregation_temperature") is None else
+           f" (aggregation rounds {cfg['aggregation_temperature']})"),
         f"{'method':38} {'accuracy':>9} {'gen tokens/problem':>19}",
     ]
     rows = [

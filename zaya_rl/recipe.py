@@ -200,13 +200,16 @@ class RsaSettings(StrictModel):
                                     "next round; null: β // 2")
     hybrid: bool = Field(RsaConfig.hybrid, description="finished candidates pass their final-answer section, "
                          "not their tail")
+    aggregation_temperature: float | None = Field(None, ge=0.0, description="temperature of the aggregation "
+                                                  "rounds; null: the sampling temperature")
 
     def config(self, max_tokens: int, temperature: float, seed: int = 0, continuation: bool = False) -> RsaConfig:
         """The settings rsa.py runs with, β and τ resolved; RsaConfig checks them."""
         budget = self.budget or max_tokens
         return RsaConfig(population=self.population, tails=self.tails, rounds=self.rounds, budget=budget,
                          tail_tokens=self.tail_tokens or max(budget // 2, 1), temperature=temperature,
-                         seed=seed, hybrid=self.hybrid, continuation=continuation)
+                         seed=seed, hybrid=self.hybrid, continuation=continuation,
+                         aggregation_temperature=self.aggregation_temperature)
 
 
 class RolloutConfig(StrictModel):

@@ -1,6 +1,6 @@
 """Markovian RSA (METHODS.md §1-3): recursive self-aggregation with bounded prompts.
 
-Owns the algorithm as plain logic over a `generate(prompts, n)` callable and a tokenizer,
+Owns the algorithm as plain logic over a `generate(prompts, n, temperature)` callable and a tokenizer,
 so it runs the same over a `Rollout`, inside a Ray actor, or over a fake in unit tests:
 
 - round 0: N samples of each question, each with decode budget β;
@@ -40,8 +40,8 @@ class TokenizerLike(Protocol):
     def decode(self, ids: list[int], skip_special_tokens: bool = ...) -> str: ...
 
 
-# Samples n completions of each prompt, at the RSA temperature with max_tokens = β.
-GenerateFn = Callable[[list[str], int], list[list[CompletionLike]]]
+# Samples n completions of each prompt at the given temperature, with max_tokens = β.
+GenerateFn = Callable[[list[str], int, float], list[list[CompletionLike]]]
 
 # Short on purpose: the tiny model has a 512-token context and a 320-token byte-level BPE,
 # so every English character here costs about one token (this template: 24 + 5 per tail), and
@@ -61,6 +61,10 @@ class RsaConfig:
     seed: int = 0  # for drawing tails; the engine keeps its own sampling seed
     hybrid: bool = False  # finished candidates pass their final-answer section, not their tail
     continuation: bool = False  # Delethink chunking: C = 1 and each trace continues its own tail
+    # Temperature of the aggregation rounds (t >= 1; not of continuation chunks); None: `temperature`.
+    # Round 0 sampled hot keeps the population diverse; a cooler aggregator answers with what it
+    # reads as most likely from its candidates instead of adding its own sampling noise.
+    aggregation_temperature: float | None = None
 
     def __post_init__(self) -> None:
         if self.population < 1 or self.tails < 1 or self.rounds < 0 or self.budget < 1:
@@ -70,8 +74,8 @@ class RsaConfig:
                              "they are drawn without replacement")
         if not 1 <= self.tail_tokens <= self.budget:
             raise ValueError(f"tail_tokens must be in [1, budget={self.budget}], got {self.tail_tokens}")
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
+        if self.temperature < 0 or (self.aggregation_temperature or 0) < 0:
+            raise ValueError("temperatures must be >= 0")
         if self.continuation and self.tails != 1:
             raise ValueError("continuation (Delethink chunking) carries one tail: set tails=1")
 
@@ -154,7 +158,7 @@ def run_rsa(generate: GenerateFn, tokenizer: TokenizerLike, questions: list[str]
     """Markovian RSA over a batch of questions; one `generate` call per round."""
     rng = random.Random(cfg.seed)
     start = time.perf_counter()
-    population = generate(questions, cfg.population)
+    population = generate(questions, cfg.population, cfg.temperature)
     rounds = [_stats(len(questions), [c for group in population for c in group], start)]
     populations, all_draws = [population], []
     for _ in range(cfg.rounds):
@@ -166,7 +170,8 @@ def run_rsa(generate: GenerateFn, tokenizer: TokenizerLike, questions: list[str]
             draws = [draw_candidates(len(group), cfg.population, cfg.tails, rng) for group in population]
             prompts = [p for q, group, drawn in zip(questions, population, draws)
                        for p in aggregation_prompts(q, group, drawn, cfg.tail_tokens, tokenizer, cfg.hybrid)]
-            fresh = [group[0] for group in generate(prompts, 1)]
+            temperature = cfg.temperature if cfg.aggregation_temperature is None else cfg.aggregation_temperature
+            fresh = [group[0] for group in generate(prompts, 1, temperature)]
             population = [fresh[i * cfg.population:(i + 1) * cfg.population] for i in range(len(questions))]
             num_prompts = len(prompts)
         rounds.append(_stats(num_prompts, fresh, start))
@@ -182,7 +187,7 @@ def _continue(generate: GenerateFn, tokenizer: TokenizerLike, questions: list[st
     slots = [(i, j) for i, group in enumerate(population) for j, c in enumerate(group) if not c.finished]
     prompts = [questions[i] + last_tokens(population[i][j].text, cfg.tail_tokens, tokenizer)
                for i, j in slots]
-    fresh = [group[0] for group in generate(prompts, 1)] if prompts else []
+    fresh = [group[0] for group in generate(prompts, 1, cfg.temperature)] if prompts else []
     population = [list(group) for group in population]
     for (i, j), c in zip(slots, fresh):
         population[i][j] = c

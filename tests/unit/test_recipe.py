@@ -225,11 +225,14 @@ def test_eval_cli_takes_rsa_settings_from_the_recipe_unless_flags_say_otherwise(
     parser = argparse.ArgumentParser()
     add_eval_parser(parser.add_subparsers(dest="command"))
     recipe = load_recipe(_write(tmp_path, "name: x\nseed: 5\neval: {temperature: 0.7}\nrollout: {max_tokens: 48, "
-                                "rsa: {population: 6, tails: 3, rounds: 1, hybrid: true}}\n"
+                                "rsa: {population: 6, tails: 3, rounds: 1, hybrid: true, aggregation_temperature: 0.2}}\n"
                                 "stages:\n  - {name: a, kind: sft, steps: 1, lr: 0.1}\n"))
     assert rsa_config(parser.parse_args(["eval"]), recipe) == RsaConfig(
-        population=6, tails=3, rounds=1, budget=48, tail_tokens=24, temperature=0.7, seed=5, hybrid=True)
-    flags = ["eval", "--tails", "2", "--budget", "20", "--no-hybrid", "--temperature", "0", "--seed", "1"]
+        population=6, tails=3, rounds=1, budget=48, tail_tokens=24, temperature=0.7, seed=5, hybrid=True,
+        aggregation_temperature=0.2)
+    flags = ["eval", "--tails", "2", "--budget", "20", "--no-hybrid", "--temperature", "0", "--seed", "1",
+             "--aggregation-temperature", "0.5"]
     assert rsa_config(parser.parse_args(flags), recipe) == RsaConfig(
-        population=6, tails=2, rounds=1, budget=20, tail_tokens=10, temperature=0.0, seed=1, hybrid=False)
+        population=6, tails=2, rounds=1, budget=20, tail_tokens=10, temperature=0.0, seed=1, hybrid=False,
+        aggregation_temperature=0.5)
     assert rsa_config(parser.parse_args(["eval", "--tail-tokens", "8"]), None) == RsaConfig(tail_tokens=8)

@@ -43,11 +43,12 @@ class FakeEngine:
     samples longer than the budget are cut there and unfinished."""
 
     def __init__(self, budget: int):
-        self.budget, self.count, self.calls = budget, 0, []
+        self.budget, self.count, self.calls, self.temperatures = budget, 0, [], []
         self.tok = CharTokenizer()
 
-    def __call__(self, prompts, n):
+    def __call__(self, prompts, n, temperature):
         self.calls.append((list(prompts), n))
+        self.temperatures.append(temperature)
         return [[self._sample(p) for _ in range(n)] for p in prompts]
 
     def _sample(self, prompt):
@@ -82,7 +83,7 @@ def test_every_round_prompt_is_bounded(tails, tail_tokens, hybrid):
 
 def test_no_rounds_is_parallel_sampling():
     cfg, engine, result = run_fake(population=5, tails=2, rounds=0, budget=40, tail_tokens=10)
-    plain = FakeEngine(cfg.budget)(QUESTIONS, cfg.population)
+    plain = FakeEngine(cfg.budget)(QUESTIONS, cfg.population, cfg.temperature)
     assert engine.calls == [(QUESTIONS, 5)]
     assert result.final == plain and len(result.rounds) == 1
     assert result.rounds[0].generated_tokens == sum(len(c.token_ids) for g in plain for c in g)
@@ -136,6 +137,17 @@ def test_majority_and_pass_at_n_readouts():
     assert readouts([None, None], [False, False]) == {"mean": 0.0, "majority": 0.0, "pass_at_n": 0.0}
 
 
+def test_aggregation_rounds_take_their_own_temperature():
+    _, engine, _ = run_fake(population=4, tails=2, rounds=2, budget=40, tail_tokens=10, temperature=0.9)
+    assert engine.temperatures == [0.9, 0.9, 0.9]
+    _, engine, _ = run_fake(population=4, tails=2, rounds=2, budget=40, tail_tokens=10, temperature=0.9,
+                            aggregation_temperature=0.0)
+    assert engine.temperatures == [0.9, 0.0, 0.0]
+    _, engine, _ = run_fake(population=4, tails=1, rounds=2, budget=20, tail_tokens=8, temperature=0.9,
+                            continuation=True, aggregation_temperature=0.0)
+    assert set(engine.temperatures) == {0.9}  # continuation chunks go on with the trace's temperature
+
+
 def test_vote_among_shown_candidates_and_copying():
     assert plurality_correctness(["3", "4", "4", "5"], [False, True, True, False]) == 1.0
     assert plurality_correctness(["3", "4", "3", "4"], [True, False, True, False]) == 0.5  # a tie: a coin
@@ -151,7 +163,8 @@ def test_vote_among_shown_candidates_and_copying():
 
 
 @pytest.mark.parametrize("kw", [dict(tails=9), dict(tail_tokens=65), dict(tails=2, continuation=True),
-                                dict(rounds=-1)])
+                                dict(rounds=-1),
+                                dict(aggregation_temperature=-0.5)])
 def test_bad_settings_are_rejected(kw):
     with pytest.raises(ValueError):
         RsaConfig(**{"population": 8, "budget": 64, **kw})
@@ -191,13 +204,14 @@ def test_eval_cli_writes_json(tiny_checkpoint, tmp_path):
     out = tmp_path / "eval.json"
     cmd = [sys.executable, "-m", "zaya_rl.cli", "eval", "--checkpoint", str(tiny_checkpoint),
            "--num-problems", "4", "--levels", "1", "--population", "4", "--tails", "2", "--rounds", "1",
-           "--budget", "24", "--tail-tokens", "8", "--out", str(out)]
+           "--budget", "24", "--tail-tokens", "8", "--aggregation-temperature", "0", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     for key in ("single_sample", "majority_vote", "rsa_mean", "rsa_majority", "matched_majority"):
         assert 0.0 <= report[key]["accuracy"] <= 1.0 and report[key]["tokens_per_problem"] >= 0
     assert 0.0 <= report["pass_at_n"]["round_0"] <= 1.0
+    assert report["rsa"]["temperature"] == 1.0 and report["rsa"]["aggregation_temperature"] == 0.0
     assert len(report["rounds"]) == 2 and report["rounds"][1]["longest_prompt_tokens"] > 0
     assert 0.0 <= report["rounds"][1]["candidate_vote_accuracy"] <= report["pass_at_n"]["round_0"]
     assert 0.0 <= report["rounds"][1]["answer_from_candidates"] <= 1.0
