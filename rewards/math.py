@@ -59,6 +59,9 @@ NUMBER_RELATIVE_TOLERANCE = Decimal("1e-6")
 FORMATS = ("boxed", "answer_tag", "answer_line")
 
 
+START_FAILED = "error: verifier process failed to start"
+
+
 @dataclass(frozen=True)
 class Verdict:
     """The result of checking one answer; `reason` says why, for logs and metrics. `credit`:
@@ -262,7 +265,7 @@ class MathVerifier:
         verdicts: list[Verdict] = []
         while len(verdicts) < len(items):
             if self._proc is None and not self._start():
-                failed = Verdict(False, "error: verifier process failed to start")
+                failed = Verdict(False, START_FAILED)
                 return verdicts + [failed] * (len(items) - len(verdicts))
             pending = items[len(verdicts) :]
             try:

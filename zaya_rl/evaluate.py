@@ -23,15 +23,21 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from rewards.math import MathVerifier, extract_answer
+from rewards.math import START_FAILED, MathVerifier, extract_answer
 from zaya_rl.rsa import RsaConfig, plurality_correctness, readouts, template_overhead_tokens
 from zaya_rl.tasks import Task
 
 
 def judge(groups, tasks: list[Task], verifier: MathVerifier) -> list[tuple[list[str | None], list[bool]]]:
-    """Each task's group of completions as (extracted answers, correctness)."""
+    """Each task's group of completions as (extracted answers, correctness). Raises when the
+    verifier could not start: an evaluation scored as all wrong would be worse than none."""
     items = [(c.text, task.answer) for task, group in zip(tasks, groups) for c in group]
-    verdicts = iter(verifier.score(items))
+    verdicts = verifier.score(items)
+    if any(v.reason == START_FAILED for v in verdicts):
+        raise RuntimeError("the math verifier's child process failed to start, so answers cannot be scored "
+                           "(a script that evaluates needs an `if __name__ == \"__main__\":` guard: the "
+                           "verifier's forkserver imports the main module)")
+    verdicts = iter(verdicts)
     return [([extract_answer(c.text) for c in group], [next(verdicts).correct for _ in group]) for group in groups]
 
 

@@ -148,6 +148,21 @@ def test_aggregation_rounds_take_their_own_temperature():
     assert set(engine.temperatures) == {0.9}  # continuation chunks go on with the trace's temperature
 
 
+def test_evaluation_refuses_to_score_without_a_verifier():
+    from rewards.math import START_FAILED, Verdict
+    from zaya_rl.evaluate import judge
+    from zaya_rl.tasks import held_out
+
+    class DeadVerifier:  # what MathVerifier.score returns when its child cannot start
+        def score(self, items):
+            return [Verdict(False, START_FAILED) for _ in items]
+
+    tasks = held_out("chain_sum", [1], 2)
+    groups = [[FakeCompletion([], [], f"\\boxed{{{t.answer}}}", True)] for t in tasks]
+    with pytest.raises(RuntimeError, match="failed to start"):
+        judge(groups, tasks, DeadVerifier())
+
+
 def test_vote_among_shown_candidates_and_copying():
     assert plurality_correctness(["3", "4", "4", "5"], [False, True, True, False]) == 1.0
     assert plurality_correctness(["3", "4", "3", "4"], [True, False, True, False]) == 0.5  # a tie: a coin
