@@ -57,6 +57,7 @@ class _Tensors:
     targets: torch.Tensor         # (B, C) completion token ids
     mask: torch.Tensor            # (B, C) 1.0 on real completion tokens
     advantages: torch.Tensor      # (B,)
+    engine_logprobs: torch.Tensor | None = None  # (B, C) the sequences' old_logprobs (μ), when all have them
     routed_experts: torch.Tensor | None = None  # (B * T, layers, top_k), -1: the model's own routing
 
 
@@ -85,8 +86,37 @@ def collate(batch: list[Sequence], pad_id: int, device: torch.device) -> _Tensor
         targets=torch.tensor(targets, **long),
         mask=torch.tensor(mask, dtype=torch.float32, device=device),
         advantages=torch.tensor([s.advantage for s in batch], dtype=torch.float32, device=device),
+        engine_logprobs=(None if any(s.old_logprobs is None for s in batch) else torch.tensor(
+            [s.old_logprobs + [0.0] * (comp - len(s.old_logprobs)) for s in batch],
+            dtype=torch.float32, device=device)),
         routed_experts=_collate_experts(batch, width, device),
     )
+
+
+def length_buckets(lengths: list[int], parts: int) -> list[list[int]]:
+    """Indices into `lengths` in min(parts, len(lengths)) non-empty groups that minimise the
+    padded tokens Σ size · longest: a right-padded pass costs as much per pad as per real token.
+    Groups are runs of the sorted lengths, shortest first; the count depends only on the sizes,
+    so data-parallel ranks with equal shards run equally many passes.
+    """
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    sizes = [lengths[i] for i in order]
+    n, k = len(order), min(parts, len(order))
+    # cost[j][i]: the fewest padded tokens of the i shortest in j groups; start[j][i]: where its last group starts
+    cost = [[float("inf")] * (n + 1) for _ in range(k + 1)]
+    start = [[0] * (n + 1) for _ in range(k + 1)]
+    cost[0][0] = 0
+    for j in range(1, k + 1):
+        for i in range(j, n + 1):
+            for s in range(j - 1, i):
+                candidate = cost[j - 1][s] + (i - s) * sizes[i - 1]
+                if candidate < cost[j][i]:
+                    cost[j][i], start[j][i] = candidate, s
+    bounds = [n]
+    for j in range(k, 0, -1):
+        bounds.append(start[j][bounds[-1]])
+    bounds.reverse()
+    return [order[bounds[j]:bounds[j + 1]] for j in range(k)]
 
 
 def _collate_experts(batch: list[Sequence], width: int, device: torch.device) -> torch.Tensor | None:
@@ -215,6 +245,7 @@ class Learner:
         self.rank = rank
         self.world_size = world_size
         self.zero_stage = ds.zero_stage
+        self.length_buckets = ds.length_buckets
         self.device = self.engine.device
         config = self.engine.module.config
         self.pad_id = config.pad_token_id if config.pad_token_id is not None else 0
@@ -225,25 +256,31 @@ class Learner:
     # --- updates --------------------------------------------------------------------------
 
     def sft_step(self, batch: list[Sequence], lr: float) -> dict:
-        """One optimizer step of next-token NLL on the completion tokens (EOS included).
-        expert_load as in rl_step."""
+        """One optimizer step of next-token NLL on the completion tokens (EOS included), over
+        `length_buckets` passes. expert_load as in rl_step."""
         from zaya_rl.algorithms import sft_loss
 
-        t = collate(batch, self.pad_id, self.device)
-        # use_cache=False everywhere: a training forward needs no KV cache, and filling one costs
-        # memory and makes torch.compile build one graph per layer (benchmarks/learner_gpu.py).
-        out = self.engine(input_ids=t.input_ids, attention_mask=t.attention_mask,
-                          output_router_logits=True, use_cache=False)
-        logprobs = completion_logprobs(out.logits, t)
-        loss = sft_loss(logprobs, t.mask) * self._token_share(t.mask)  # a mean over all ranks' tokens
-        grad_norm = self._backward_and_step(loss, lr)
-        load = self._routed_counts(out.router_logits, t.attention_mask) / float(t.attention_mask.sum())
-        return {"loss": float(loss.detach()), "tokens": int(t.mask.sum()), "grad_norm": grad_norm,
-                "expert_load": load.tolist()}
+        buckets = self._buckets(batch)
+        tokens = sum(float(t.mask.sum()) for t in buckets)
+        share = self._token_share(tokens)  # a mean over all ranks' tokens
+        loss_sum, routed, routed_tokens = 0.0, 0.0, 0.0
+        for index, t in enumerate(buckets):
+            # use_cache=False everywhere: a training forward needs no KV cache, and filling one costs
+            # memory and makes torch.compile build one graph per layer (benchmarks/learner_gpu.py).
+            out = self.engine(input_ids=t.input_ids, attention_mask=t.attention_mask,
+                              output_router_logits=True, use_cache=False)
+            loss = sft_loss(completion_logprobs(out.logits, t), t.mask) * share * float(t.mask.sum()) / tokens
+            self._backward(loss, last=index == len(buckets) - 1)
+            loss_sum += float(loss.detach())
+            routed = routed + self._routed_counts(out.router_logits, t.attention_mask)
+            routed_tokens += float(t.attention_mask.sum())
+        return {"loss": loss_sum, "tokens": int(tokens), "grad_norm": self._step(lr),
+                "expert_load": (routed / routed_tokens).tolist()}
 
     def rl_step(self, batch: list[Sequence], lr: float, algorithm: AlgorithmConfig,
                 minibatches: int = 1, temperature: float = 1.0) -> dict:
-        """One optimizer step per minibatch of the algorithm's policy loss (METHODS.md §5).
+        """One optimizer step per minibatch of the algorithm's policy loss (METHODS.md §5),
+        each minibatch in `length_buckets` passes whose losses add up to the minibatch's.
 
         The old policy is the engine's (`Sequence.old_logprobs`, μ), except with `tis_cap` set
         for ppo_clip, gspo and cispo: then it is this learner's before the step (π_old), and
@@ -268,55 +305,61 @@ class Learner:
         for seq in batch:
             if seq.old_logprobs is None or len(seq.old_logprobs) != len(seq.completion_ids):
                 raise ValueError("rl_step needs old_logprobs with one value per completion token")
-        shards = _split(batch, minibatches)
-        parts = [collate(shard, self.pad_id, self.device) for shard in shards]
-        engine_logprobs = [  # μ, padded like the completion tokens
-            torch.tensor([s.old_logprobs + [0.0] * (t.mask.shape[1] - len(s.old_logprobs)) for s in shard],
-                         dtype=torch.float32, device=self.device)
-            for shard, t in zip(shards, parts)
-        ]
+        parts = [self._buckets(shard) for shard in _split(batch, minibatches)]
         use_tis = algorithm.tis_cap is not None and algorithm.loss != "dppo_tv"
         if use_tis:  # all before the first update: that is the old policy
-            learner_logprobs = [self._logprobs(t, temperature) for t in parts]
+            learner_logprobs = [[self._logprobs(t, temperature) for t in buckets] for buckets in parts]
         loss_fn = POLICY_LOSSES[algorithm.loss]
+        by_tokens = algorithm.loss_aggregation == "token_mean"
         stats: dict[str, list[float]] = {"loss": [], "clip_fraction": [], "grad_norm": [], "router_aux_loss": []}
         routed = torch.zeros(self.engine.module.config.num_hidden_layers, self.num_experts)
-        routed_tokens, mismatch = 0.0, 0.0
-        for index, (t, engine) in enumerate(zip(parts, engine_logprobs)):
-            with replay_routing(self.engine.module, t.routed_experts):  # backward too: recomputation
-                out = self.engine(input_ids=t.input_ids, attention_mask=t.attention_mask,
-                                  output_router_logits=True, use_cache=False)
-                logprobs = completion_logprobs(out.logits, t, temperature)
-                if index == 0:  # before any update: how far the engine is from the learner
-                    mismatch = float(((logprobs.detach() - engine).abs() * t.mask).sum() / t.mask.sum())
-                    if t.routed_experts is not None:
-                        stats["routing_mismatch"] = [routing_mismatch(out.router_logits, t.routed_experts)]
-                old = learner_logprobs[index] if use_tis else engine
-                token_loss, info = loss_fn(logprobs, old, t.advantages, t.mask, algorithm)
-                if use_tis:
-                    weights = tis_weights(old, engine, algorithm.tis_cap)
-                    token_loss = token_loss * weights
-                    stats.setdefault("tis_weight", []).append(float((weights * t.mask).sum() / t.mask.sum()))
-                loss = aggregate(token_loss, t.mask, algorithm.loss_aggregation, algorithm.loss_constant)
-                if algorithm.kl_coef > 0:
-                    kl_tokens = kl_penalty(logprobs, self._reference_logprobs(t, temperature), algorithm.kl_estimator)
-                    kl = aggregate(kl_tokens, t.mask, algorithm.loss_aggregation, algorithm.loss_constant)
-                    loss = loss + algorithm.kl_coef * kl
-                    stats.setdefault("kl", []).append(float(kl.detach()))
-                if algorithm.loss_aggregation == "token_mean":
-                    loss = loss * self._token_share(t.mask)
-                if algorithm.router_aux_loss_coef > 0:  # each rank's own balance; DeepSpeed averages ranks
-                    loss = loss + algorithm.router_aux_loss_coef * out.aux_loss
-                stats["grad_norm"].append(self._backward_and_step(loss, lr))
-            stats["loss"].append(float(loss.detach()))
-            stats["clip_fraction"].append(info["clip_fraction"])
-            stats["router_aux_loss"].append(float(out.aux_loss.detach()))
-            routed = routed + self._routed_counts(out.router_logits, t.attention_mask)
-            routed_tokens += float(t.attention_mask.sum())
+        routed_tokens, drift, drift_tokens, mismatch = 0.0, 0.0, 0.0, 0.0
+        for part, buckets in enumerate(parts):
+            tokens = sum(float(t.mask.sum()) for t in buckets)
+            share = self._token_share(tokens) if by_tokens else 1.0
+            totals: dict[str, float] = {}
+            for index, t in enumerate(buckets):
+                # This bucket's part of the minibatch's mean: its tokens' or its sequences'.
+                weight = float(t.mask.sum()) / tokens if by_tokens else len(t.advantages) / sum(
+                    len(b.advantages) for b in buckets)
+                with replay_routing(self.engine.module, t.routed_experts):  # backward too: recomputation
+                    out = self.engine(input_ids=t.input_ids, attention_mask=t.attention_mask,
+                                      output_router_logits=True, use_cache=False)
+                    logprobs = completion_logprobs(out.logits, t, temperature)
+                    if part == 0:  # before any update: how far the engine is from the learner
+                        drift += float(((logprobs.detach() - t.engine_logprobs).abs() * t.mask).sum())
+                        drift_tokens += float(t.mask.sum())
+                        if t.routed_experts is not None:
+                            mismatch += routing_mismatch(out.router_logits, t.routed_experts) * float(t.mask.sum())
+                    old = learner_logprobs[part][index] if use_tis else t.engine_logprobs
+                    token_loss, info = loss_fn(logprobs, old, t.advantages, t.mask, algorithm)
+                    if use_tis:
+                        weights = tis_weights(old, t.engine_logprobs, algorithm.tis_cap)
+                        token_loss = token_loss * weights
+                        _add(totals, "tis_weight", float((weights * t.mask).sum()) / tokens)
+                    loss = aggregate(token_loss, t.mask, algorithm.loss_aggregation, algorithm.loss_constant)
+                    if algorithm.kl_coef > 0:
+                        kl_tokens = kl_penalty(logprobs, self._reference_logprobs(t, temperature), algorithm.kl_estimator)
+                        kl = aggregate(kl_tokens, t.mask, algorithm.loss_aggregation, algorithm.loss_constant)
+                        loss = loss + algorithm.kl_coef * kl
+                        _add(totals, "kl", float(kl.detach()) * weight)
+                    loss = loss * weight * share
+                    if algorithm.router_aux_loss_coef > 0:  # each rank's own balance; DeepSpeed averages ranks
+                        loss = loss + algorithm.router_aux_loss_coef * out.aux_loss * weight
+                    self._backward(loss, last=index == len(buckets) - 1)
+                _add(totals, "loss", float(loss.detach()))
+                _add(totals, "clip_fraction", info["clip_fraction"] * float(t.mask.sum()) / tokens)
+                _add(totals, "router_aux_loss", float(out.aux_loss.detach()) * weight)
+                routed = routed + self._routed_counts(out.router_logits, t.attention_mask)
+                routed_tokens += float(t.attention_mask.sum())
+            stats["grad_norm"].append(self._step(lr))
+            for key, value in totals.items():
+                stats.setdefault(key, []).append(value)
         return {
             **{key: _mean(values) for key, values in stats.items()},
             "tokens": int(sum(len(s.completion_ids) for s in batch)),
-            "mean_abs_logprob_diff": mismatch,
+            "mean_abs_logprob_diff": drift / drift_tokens,
+            **({"routing_mismatch": mismatch / drift_tokens} if batch[0].routed_experts is not None else {}),
             "expert_load": (routed / routed_tokens).tolist(),
         }
 
@@ -371,11 +414,21 @@ class Learner:
 
     # --- internals ------------------------------------------------------------------------
 
-    def _backward_and_step(self, loss: torch.Tensor, lr: float) -> float:
-        """Backward, one optimizer step at `lr`; returns the gradient norm before clipping."""
+    def _buckets(self, batch: list[Sequence]) -> list[_Tensors]:
+        """`batch` as `length_buckets` right-padded tensors of sequences of similar length."""
+        lengths = [len(s.prompt_ids) + len(s.completion_ids) for s in batch]
+        return [collate([batch[i] for i in index], self.pad_id, self.device)
+                for index in length_buckets(lengths, self.length_buckets)]
+
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        """Accumulate gradients; DeepSpeed reduces them over ranks on the `last` pass of a step."""
+        self.engine.set_gradient_accumulation_boundary(last)
+        self.engine.backward(loss)
+
+    def _step(self, lr: float) -> float:
+        """One optimizer step at `lr` on the accumulated gradients; returns their norm before clipping."""
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
-        self.engine.backward(loss)
         if self.zero_stage == 0:  # grads are full and already averaged over ranks
             grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
             grad_norm = float(torch.nn.utils.get_total_norm(grads))
@@ -414,11 +467,10 @@ class Learner:
                 return {}
             return {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in module.state_dict().items()}
 
-    def _token_share(self, mask: torch.Tensor) -> float:
+    def _token_share(self, tokens: float) -> float:
         """This rank's tokens times world_size over all ranks' tokens: scaling a token mean by
         it makes the gradient DeepSpeed averages over ranks that of the mean over all tokens.
         """
-        tokens = float(mask.sum())
         if self.world_size == 1:
             return 1.0
         total = torch.tensor([tokens], dtype=torch.float64, device=self.device)
@@ -444,6 +496,10 @@ def _split(batch: list, parts: int) -> list[list]:
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
+
+
+def _add(totals: dict[str, float], key: str, value: float) -> None:
+    totals[key] = totals.get(key, 0.0) + value
 
 
 # --- Ray -----------------------------------------------------------------------------------
@@ -489,6 +545,7 @@ class LearnerGroup:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         self.num_workers = num_workers
         self.zero_stage = ds.zero_stage
+        self.length_buckets = ds.length_buckets
         port = free_port()
         # Created together: each rank's init_distributed waits until all ranks have joined.
         self.workers = [

@@ -63,13 +63,14 @@ def test_two_ranks_equal_one(ray_local, checkpoint):
 def test_zero3_two_ranks_equal_zero2_one_rank(ray_local, checkpoint):
     """ZeRO-3 partitions the parameters over the ranks: every step, log-prob pass and weight
     gather needs all of them (LearnerGroup asks every rank), and the MoE blocks are leaf
-    modules so that a rank whose tokens skip an expert still joins its gather."""
+    modules so that a rank whose tokens skip an expert still joins its gather. The ZeRO-3 ranks
+    also accumulate each step over two length buckets."""
     tok = load_tokenizer(checkpoint)
-    tasks = TaskStream("chain_sum", 2).take(1, 4)
+    tasks = TaskStream("chain_sum", 2).take(1, 2) + TaskStream("chain_sum", 2).take(3, 2)
     batch = [Sequence(tok(t.prompt)["input_ids"], tok(t.solution)["input_ids"] + [tok.eos_token_id],
                       advantage=1.0 if i % 2 == 0 else -1.0) for i, t in enumerate(tasks)]
     results = []
-    for workers, ds in ((2, DeepSpeedConfig(zero_stage=3)), (1, ZERO2)):
+    for workers, ds in ((2, DeepSpeedConfig(zero_stage=3, length_buckets=2)), (1, ZERO2)):
         group = LearnerGroup(workers, checkpoint, ds)
         try:
             sft = group.sft_step(batch, lr=1e-2)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from workers.learner import Learner, Sequence, free_port, prepare_policy
+from workers.learner import Learner, Sequence, free_port, length_buckets, prepare_policy
 from zaya_rl.algorithms import group_advantages
 from zaya_rl.models import load_model, load_tokenizer
 from zaya_rl.recipe import AlgorithmConfig, DeepSpeedConfig
@@ -41,9 +41,9 @@ def batch(checkpoint) -> list[Sequence]:
             for t in tasks]
 
 
-def make_learner(checkpoint, zero_stage=2) -> Learner:
-    return Learner(checkpoint, DeepSpeedConfig(zero_stage=zero_stage), master_port=free_port(),
-                   torch_threads=2)
+def make_learner(checkpoint, zero_stage=2, length_buckets=1) -> Learner:
+    return Learner(checkpoint, DeepSpeedConfig(zero_stage=zero_stage, length_buckets=length_buckets),
+                   master_port=free_port(), torch_threads=2)
 
 
 @pytest.fixture(scope="module")
@@ -222,3 +222,45 @@ def test_router_replay_and_the_balancing_loss(checkpoint, batch):
     routers = [k for k in after[0] if k.endswith("mlp.gate.weight")]
     assert routers and all(not torch.allclose(after[0][k], after[1][k]) for k in routers)
     torch.testing.assert_close(after[0]["lm_head.weight"], after[1]["lm_head.weight"])  # no aux gradient there
+
+
+def test_length_buckets_minimise_padding():
+    lengths = [30, 200, 31, 190, 29, 32, 195, 60]
+    buckets = length_buckets(lengths, 3)
+    assert [[lengths[i] for i in b] for b in buckets] == [[29, 30, 31, 32], [60], [190, 195, 200]]
+    assert sorted(i for b in buckets for i in b) == list(range(len(lengths)))
+    assert length_buckets(lengths, 1) == [sorted(range(8), key=lengths.__getitem__)]
+    # The count is min(parts, len), even when fewer groups would pad no more: ranks must agree.
+    assert len(length_buckets([5, 5, 5, 5], 3)) == 3
+    assert length_buckets([7, 3], 4) == [[1], [0]]
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_length_buckets_accumulate_the_same_step(checkpoint, zero_stage):
+    """Three passes over sequences grouped by length give the one-pass loss, gradient and update,
+    for SFT and for RL under a token mean and a sequence mean, with TIS and KL mixed in."""
+    tok = load_tokenizer(checkpoint)
+    tasks = TaskStream("chain_sum", 1).take(1, 4) + TaskStream("chain_sum", 1).take(3, 3)
+    batch = [Sequence(tok(t.prompt)["input_ids"] * (1 + 4 * (i % 2)), tok(t.solution)["input_ids"] + [tok.eos_token_id],
+                      advantage=1.0 if i % 3 else -1.0) for i, t in enumerate(tasks)]
+    algorithms = [AlgorithmConfig(loss_aggregation="token_mean", tis_cap=2.0, kl_coef=0.1),
+                  AlgorithmConfig(loss_aggregation="seq_mean_token_mean")]
+    results = []
+    for buckets in (1, 3):
+        learner = make_learner(checkpoint, zero_stage, length_buckets=buckets)
+        stats = [learner.sft_step(batch, lr=1e-2)]
+        for algorithm in algorithms:
+            seqs = [Sequence(s.prompt_ids, s.completion_ids, advantage=s.advantage, old_logprobs=lp)
+                    for s, lp in zip(batch, learner.logprobs(batch))]
+            seqs[0].old_logprobs = [lp - 1.0 for lp in seqs[0].old_logprobs]  # off-policy: TIS weighs it
+            stats.append(learner.rl_step(seqs, lr=1e-3, algorithm=algorithm, minibatches=2))
+        results.append((stats, learner.logprobs(batch)))
+    (one, after_one), (three, after_three) = results
+    for a, b in zip(one, three):
+        for key in ("loss", "grad_norm", "tokens", "clip_fraction", "tis_weight", "kl", "mean_abs_logprob_diff"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+        torch.testing.assert_close(torch.tensor(b["expert_load"]), torch.tensor(a["expert_load"]))
+    assert one[1]["tis_weight"] > 1.0 and one[1]["kl"] > 0.0  # the checks above compared something
+    for a, b in zip(after_one, after_three):
+        assert b == pytest.approx(a, abs=1e-4)
