@@ -151,6 +151,9 @@ def prepare_policy(model):
     return model
 
 
+PORT_ATTEMPTS = 3  # learner groups started, each on a fresh rendezvous port, before giving up
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -546,15 +549,25 @@ class LearnerGroup:
         self.num_workers = num_workers
         self.zero_stage = ds.zero_stage
         self.length_buckets = ds.length_buckets
-        port = free_port()
-        # Created together: each rank's init_distributed waits until all ranks have joined.
-        self.workers = [
-            LearnerWorker.options(name=f"{name}-{rank}").remote(
-                model_path=str(model_path), ds=ds, rank=rank, world_size=num_workers,
-                master_addr="127.0.0.1", master_port=port, torch_threads=torch_threads, seed=seed)
-            for rank in range(num_workers)
-        ]
-        ray.get([w.node_ip.remote() for w in self.workers])  # surfaces any init failure here
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            # Between free_port() and rank 0 listening on it, another process (Ray's own, an
+            # outgoing connection) may take the port: rank 0 then fails with EADDRINUSE.
+            port = free_port()
+            # Created together: each rank's init_distributed waits until all ranks have joined.
+            self.workers = [
+                LearnerWorker.options(name=f"{name}-{rank}").remote(
+                    model_path=str(model_path), ds=ds, rank=rank, world_size=num_workers,
+                    master_addr="127.0.0.1", master_port=port, torch_threads=torch_threads, seed=seed)
+                for rank in range(num_workers)
+            ]
+            try:
+                ray.get([w.node_ip.remote() for w in self.workers])  # surfaces any init failure here
+                return
+            except ray.exceptions.RayActorError as err:
+                for worker in self.workers:
+                    ray.kill(worker)
+                if "EADDRINUSE" not in str(err) or attempt == PORT_ATTEMPTS:
+                    raise
 
     def sft_step(self, batch: list[Sequence], lr: float) -> dict:
         shards = self._shards(batch)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 import torch
 
+import workers.learner
 from workers.learner import LearnerGroup, Sequence
 from zaya_rl.models import load_model, load_tokenizer
 from zaya_rl.recipe import AlgorithmConfig, DeepSpeedConfig
@@ -91,3 +94,22 @@ def test_zero3_two_ranks_equal_zero2_one_rank(ray_local, checkpoint):
     assert weights3.keys() == weights2.keys()
     diff = torch.cat([(weights3[k] - weights2[k]).flatten() for k in weights2]).abs()
     assert (diff > 1e-5).float().mean() < 1e-3, int((diff > 1e-5).sum())
+
+
+def test_a_taken_rendezvous_port_is_retried(ray_local, checkpoint, monkeypatch):
+    """Another process may take the port free_port() found before rank 0 listens on it: the group
+    is started again on a fresh port, under the same actor names."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        real_free_port, given = workers.learner.free_port, []
+        monkeypatch.setattr(workers.learner, "free_port",
+                            lambda: given.append(real_free_port() if given else port) or given[-1])
+        group = LearnerGroup(1, checkpoint, ZERO2)
+    try:
+        assert len(given) == 2 and given[0] == port != given[1]
+        assert group.sft_step(
+            [Sequence([1, 2, 3], [4, 5])] * 2, lr=1e-3)["tokens"] == 4
+    finally:
+        group.shutdown()
