@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -319,12 +320,12 @@ class Learner:
         routed_tokens, drift, drift_tokens, mismatch = 0.0, 0.0, 0.0, 0.0
         for part, buckets in enumerate(parts):
             tokens = sum(float(t.mask.sum()) for t in buckets)
+            sequences = sum(len(t.advantages) for t in buckets)
             share = self._token_share(tokens) if by_tokens else 1.0
-            totals: dict[str, float] = {}
+            totals: defaultdict[str, float] = defaultdict(float)
             for index, t in enumerate(buckets):
                 # This bucket's part of the minibatch's mean: its tokens' or its sequences'.
-                weight = float(t.mask.sum()) / tokens if by_tokens else len(t.advantages) / sum(
-                    len(b.advantages) for b in buckets)
+                weight = float(t.mask.sum()) / tokens if by_tokens else len(t.advantages) / sequences
                 with replay_routing(self.engine.module, t.routed_experts):  # backward too: recomputation
                     out = self.engine(input_ids=t.input_ids, attention_mask=t.attention_mask,
                                       output_router_logits=True, use_cache=False)
@@ -339,20 +340,20 @@ class Learner:
                     if use_tis:
                         weights = tis_weights(old, t.engine_logprobs, algorithm.tis_cap)
                         token_loss = token_loss * weights
-                        _add(totals, "tis_weight", float((weights * t.mask).sum()) / tokens)
+                        totals["tis_weight"] += float((weights * t.mask).sum()) / tokens
                     loss = aggregate(token_loss, t.mask, algorithm.loss_aggregation, algorithm.loss_constant)
                     if algorithm.kl_coef > 0:
                         kl_tokens = kl_penalty(logprobs, self._reference_logprobs(t, temperature), algorithm.kl_estimator)
                         kl = aggregate(kl_tokens, t.mask, algorithm.loss_aggregation, algorithm.loss_constant)
                         loss = loss + algorithm.kl_coef * kl
-                        _add(totals, "kl", float(kl.detach()) * weight)
+                        totals["kl"] += float(kl.detach()) * weight
                     loss = loss * weight * share
                     if algorithm.router_aux_loss_coef > 0:  # each rank's own balance; DeepSpeed averages ranks
                         loss = loss + algorithm.router_aux_loss_coef * out.aux_loss * weight
                     self._backward(loss, last=index == len(buckets) - 1)
-                _add(totals, "loss", float(loss.detach()))
-                _add(totals, "clip_fraction", info["clip_fraction"] * float(t.mask.sum()) / tokens)
-                _add(totals, "router_aux_loss", float(out.aux_loss.detach()) * weight)
+                totals["loss"] += float(loss.detach())
+                totals["clip_fraction"] += info["clip_fraction"] * float(t.mask.sum()) / tokens
+                totals["router_aux_loss"] += float(out.aux_loss.detach()) * weight
                 routed = routed + self._routed_counts(out.router_logits, t.attention_mask)
                 routed_tokens += float(t.attention_mask.sum())
             stats["grad_norm"].append(self._step(lr))
@@ -501,10 +502,6 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-def _add(totals: dict[str, float], key: str, value: float) -> None:
-    totals[key] = totals.get(key, 0.0) + value
-
-
 # --- Ray -----------------------------------------------------------------------------------
 
 
@@ -548,7 +545,6 @@ class LearnerGroup:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         self.num_workers = num_workers
         self.zero_stage = ds.zero_stage
-        self.length_buckets = ds.length_buckets
         for attempt in range(1, PORT_ATTEMPTS + 1):
             # Between free_port() and rank 0 listening on it, another process (Ray's own, an
             # outgoing connection) may take the port: rank 0 then fails with EADDRINUSE.

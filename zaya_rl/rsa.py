@@ -61,7 +61,7 @@ class RsaConfig:
     seed: int = 0  # for drawing tails; the engine keeps its own sampling seed
     hybrid: bool = False  # finished candidates pass their final-answer section, not their tail
     continuation: bool = False  # Delethink chunking: C = 1 and each trace continues its own tail
-    # Temperature of the aggregation rounds (t >= 1; not of continuation chunks); None: `temperature`.
+    # Temperature of the aggregation rounds (rounds 1..T; not of continuation chunks); None: `temperature`.
     # Round 0 sampled hot keeps the population diverse; a cooler aggregator answers with what it
     # reads as most likely from its candidates instead of adding its own sampling noise.
     aggregation_temperature: float | None = None
@@ -161,6 +161,7 @@ def run_rsa(generate: GenerateFn, tokenizer: TokenizerLike, questions: list[str]
     population = generate(questions, cfg.population, cfg.temperature)
     rounds = [_stats(len(questions), [c for group in population for c in group], start)]
     populations, all_draws = [population], []
+    aggregation_temperature = cfg.temperature if cfg.aggregation_temperature is None else cfg.aggregation_temperature
     for _ in range(cfg.rounds):
         start = time.perf_counter()
         if cfg.continuation:
@@ -170,8 +171,7 @@ def run_rsa(generate: GenerateFn, tokenizer: TokenizerLike, questions: list[str]
             draws = [draw_candidates(len(group), cfg.population, cfg.tails, rng) for group in population]
             prompts = [p for q, group, drawn in zip(questions, population, draws)
                        for p in aggregation_prompts(q, group, drawn, cfg.tail_tokens, tokenizer, cfg.hybrid)]
-            temperature = cfg.temperature if cfg.aggregation_temperature is None else cfg.aggregation_temperature
-            fresh = [group[0] for group in generate(prompts, 1, temperature)]
+            fresh = [group[0] for group in generate(prompts, 1, aggregation_temperature)]
             population = [fresh[i * cfg.population:(i + 1) * cfg.population] for i in range(len(questions))]
             num_prompts = len(prompts)
         rounds.append(_stats(num_prompts, fresh, start))
