@@ -43,7 +43,7 @@ def make_batch(tokenizer, tasks, share: float, size: int, rng: random.Random, rl
         task = tasks[i % len(tasks)]
         prompt = task.prompt
         if i < round(share * size):
-            tails = [rsa.last_tokens(t.solution, TAIL_TOKENS, tokenizer) for t in rng.sample(tasks, TAILS)]
+            tails = rsa.last_tokens([t.solution for t in rng.sample(tasks, TAILS)], TAIL_TOKENS, tokenizer)
             prompt = rsa.aggregation_prompt(task.prompt, tails)
         completion = tokenizer(task.solution)["input_ids"] + eos
         out.append(Sequence(tokenizer(prompt)["input_ids"], completion, advantage=1.0 if i % 2 else -1.0,

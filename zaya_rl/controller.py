@@ -407,13 +407,14 @@ class Controller:
             self.sync_weights()
         groups = self.generate([t.prompt for t in tasks], stage.aggregation_tails, 1.0,
                                stage.aggregation_max_tokens, times)
-        return [self._aggregated(task, group, stage) for task, group in zip(tasks, groups)]
+        return self._aggregated(tasks, groups, stage)
 
-    def _aggregated(self, task: Task, group: list[Completion], stage: SftStage | RlStage) -> Task:
-        [prompt] = rsa.aggregation_prompts(task.prompt, group,
-                                           rsa.draw_candidates(len(group), 1, stage.aggregation_tails, self.rng),
-                                           stage.aggregation_tail_tokens, self.tokenizer)
-        return replace(task, uid=task.uid + "/aggregated", prompt=prompt)
+    def _aggregated(self, tasks: list[Task], groups: list[list[Completion]], stage: SftStage | RlStage) -> list[Task]:
+        """Each task prompted with C tails of its group: one round-1 aggregation prompt."""
+        draws = [rsa.draw_candidates(len(group), 1, stage.aggregation_tails, self.rng) for group in groups]
+        prompts = rsa.aggregation_prompts([t.prompt for t in tasks], groups, draws, stage.aggregation_tail_tokens,
+                                          self.tokenizer)
+        return [replace(task, uid=task.uid + "/aggregated", prompt=prompt) for task, prompt in zip(tasks, prompts)]
 
     def rl_step(self, stage: RlStage, step: int, curriculum: AdaptiveCurriculum, times: StageTimes) -> dict:
         """One RL step: generate -> verify -> advantages -> update -> weight sync."""
@@ -486,10 +487,8 @@ class Controller:
     def aggregation_tasks(self, stage: RlStage, count: int) -> list[Task]:
         """Self-aggregation (METHODS.md §3): the same task, prompted with C tails of the policy's
         own recent samples of it; the newest rollouts are used first, each task once."""
-        tasks = []
-        while len(tasks) < count and self.recent_rollouts:
-            tasks.append(self._aggregated(*self.recent_rollouts.pop(), stage))
-        return tasks
+        recent = [self.recent_rollouts.pop() for _ in range(min(count, len(self.recent_rollouts)))]
+        return self._aggregated([task for task, _ in recent], [group for _, group in recent], stage)
 
     @staticmethod
     def shape_rewards(correct: torch.Tensor, flat: list[Completion], stage: RlStage) -> torch.Tensor:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -36,18 +36,33 @@ class CompletionLike(Protocol):
 
 
 class TokenizerLike(Protocol):
+    """The batched calls of a Hugging Face tokenizer, and `encode`."""
+
+    def __call__(self, texts: list[str], add_special_tokens: bool = ...) -> Mapping[str, list[list[int]]]: ...
+    def batch_decode(self, ids: list[list[int]], skip_special_tokens: bool = ...) -> list[str]: ...
     def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
-    def decode(self, ids: list[int], skip_special_tokens: bool = ...) -> str: ...
 
 
 # Samples n completions of each prompt at the given temperature, with max_tokens = β.
 GenerateFn = Callable[[list[str], int, float], list[list[CompletionLike]]]
 
-# Short on purpose: the tiny model has a 512-token context and a 320-token byte-level BPE,
-# so every English character here costs about one token (this template: 24 + 5 per tail), and
-# each token is prefill work in every round. The question comes last so that the prompt ends
-# exactly where a plain prompt ends: the model continues with a solution.
+# Short on purpose: every token of it is prefill work in every round. The question comes last
+# so that the prompt ends exactly where a plain prompt ends: the model continues with a solution.
 INSTRUCTION = "Improve; end with \\boxed{}.\n"
+# Tokenizers trained from scratch (models.train_tokenizer) take the template's fixed strings as
+# whole tokens: a byte-level BPE trained on chain sums alone spelled them out character by
+# character, 44 tokens for C = 4, more than four 8-token tails, and the aggregation rounds' extra
+# prefill held RSA's throughput to about 0.85 of plain generation (benchmarks/rsa_throughput.py).
+NUMBERED_TAILS_IN_VOCAB = 16
+
+
+def candidate_marker(number: int) -> str:
+    return f"[{number}]\n"
+
+
+def template_pieces() -> list[str]:
+    """The template's fixed strings: the instruction and the first markers."""
+    return [INSTRUCTION] + [candidate_marker(i) for i in range(1, NUMBERED_TAILS_IN_VOCAB + 1)]
 
 
 @dataclass(frozen=True)
@@ -103,7 +118,7 @@ class RsaResult:
 
 def aggregation_prompt(question: str, tails: Sequence[str]) -> str:
     """Numbered candidate tails, a short instruction, then the question."""
-    candidates = "".join(f"[{i + 1}]\n{tail}\n" for i, tail in enumerate(tails))
+    candidates = "".join(f"{candidate_marker(i + 1)}{tail}\n" for i, tail in enumerate(tails))
     return candidates + INSTRUCTION + question
 
 
@@ -112,30 +127,46 @@ def template_overhead_tokens(tokenizer: TokenizerLike, tails: int) -> int:
     return len(tokenizer.encode(aggregation_prompt("", [""] * tails), add_special_tokens=False))
 
 
-def last_tokens(text: str, num_tokens: int, tokenizer: TokenizerLike) -> str:
-    """The longest end of `text` that encodes to at most `num_tokens` tokens."""
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    if len(ids) <= num_tokens:
-        return text
+def last_tokens(texts: list[str], num_tokens: int, tokenizer: TokenizerLike) -> list[str]:
+    """For each text, its longest end that encodes to at most `num_tokens` tokens.
+
+    Batched: a tokenizer call per text took about 6% of an RSA aggregation round's time
+    (benchmarks/rsa_throughput.py, 256 candidates).
+    """
+    if not texts:
+        return []
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    out = [text if len(text_ids) <= num_tokens else "" for text, text_ids in zip(texts, ids)]
+    pending = [i for i, text_ids in enumerate(ids) if len(text_ids) > num_tokens]
     # A cut inside a multi-byte character decodes to U+FFFD, which re-encodes to 3 bytes (up to
-    # 3 byte-level tokens), so check the re-encoding and drop a token until it fits.
+    # 3 byte-level tokens), and decoded tokens can re-encode differently; so check the
+    # re-encoding and drop a token until it fits.
     for keep in range(num_tokens, 0, -1):
-        tail = tokenizer.decode(ids[-keep:], skip_special_tokens=True)
-        if len(tokenizer.encode(tail, add_special_tokens=False)) <= num_tokens:
-            return tail
-    return ""
+        if not pending:
+            break
+        cut = tokenizer.batch_decode([ids[i][-keep:] for i in pending], skip_special_tokens=True)
+        lengths = [len(x) for x in tokenizer(cut, add_special_tokens=False)["input_ids"]]
+        for i, text, length in zip(pending, cut, lengths):
+            if length <= num_tokens:
+                out[i] = text
+        pending = [i for i, length in zip(pending, lengths) if length > num_tokens]
+    return out
 
 
-def tail(candidate: CompletionLike, tail_tokens: int, tokenizer: TokenizerLike, hybrid: bool) -> str:
-    """What a candidate passes on: its last τ tokens; in hybrid mode a finished candidate
+def tails(candidates: Sequence[CompletionLike], tail_tokens: int, tokenizer: TokenizerLike,
+          hybrid: bool) -> list[str]:
+    """What each candidate passes on: its last τ tokens; in hybrid mode a finished candidate
     passes its final-answer section (from the last line holding \\boxed), cut to τ tokens
     too so the prompt bound still holds."""
-    text = candidate.text
-    if hybrid and candidate.finished:
-        box = text.rfind("\\boxed")
-        if box != -1:
-            text = text[text.rfind("\n", 0, box) + 1:]
-    return last_tokens(text, tail_tokens, tokenizer)
+    texts = []
+    for candidate in candidates:
+        text = candidate.text
+        if hybrid and candidate.finished:
+            box = text.rfind("\\boxed")
+            if box != -1:
+                text = text[text.rfind("\n", 0, box) + 1:]
+        texts.append(text)
+    return last_tokens(texts, tail_tokens, tokenizer)
 
 
 def draw_candidates(num_candidates: int, num_prompts: int, tails: int, rng: random.Random) -> list[list[int]]:
@@ -146,11 +177,15 @@ def draw_candidates(num_candidates: int, num_prompts: int, tails: int, rng: rand
     return [rng.sample(range(num_candidates), tails) for _ in range(num_prompts)]
 
 
-def aggregation_prompts(question: str, candidates: Sequence[CompletionLike], draws: list[list[int]],
-                        tail_tokens: int, tokenizer: TokenizerLike, hybrid: bool = False) -> list[str]:
-    """One aggregation prompt for the question per draw, carrying the drawn candidates' tails."""
-    cut = [tail(c, tail_tokens, tokenizer, hybrid) for c in candidates]
-    return [aggregation_prompt(question, [cut[i] for i in draw]) for draw in draws]
+def aggregation_prompts(questions: list[str], groups: Sequence[Sequence[CompletionLike]],
+                        draws: list[list[list[int]]], tail_tokens: int, tokenizer: TokenizerLike,
+                        hybrid: bool = False) -> list[str]:
+    """For each question, one aggregation prompt per draw, carrying the drawn candidates of its
+    group; all candidates' tails are cut in one batch."""
+    cut = iter(tails([c for group in groups for c in group], tail_tokens, tokenizer, hybrid))
+    cut_groups = [[next(cut) for _ in group] for group in groups]
+    return [aggregation_prompt(question, [group[i] for i in draw])
+            for question, group, question_draws in zip(questions, cut_groups, draws) for draw in question_draws]
 
 
 def run_rsa(generate: GenerateFn, tokenizer: TokenizerLike, questions: list[str],
@@ -169,8 +204,7 @@ def run_rsa(generate: GenerateFn, tokenizer: TokenizerLike, questions: list[str]
             population, fresh, num_prompts = _continue(generate, tokenizer, questions, population, cfg)
         else:
             draws = [draw_candidates(len(group), cfg.population, cfg.tails, rng) for group in population]
-            prompts = [p for q, group, drawn in zip(questions, population, draws)
-                       for p in aggregation_prompts(q, group, drawn, cfg.tail_tokens, tokenizer, cfg.hybrid)]
+            prompts = aggregation_prompts(questions, population, draws, cfg.tail_tokens, tokenizer, cfg.hybrid)
             fresh = [group[0] for group in generate(prompts, 1, aggregation_temperature)]
             population = [fresh[i * cfg.population:(i + 1) * cfg.population] for i in range(len(questions))]
             num_prompts = len(prompts)
@@ -185,8 +219,8 @@ def _continue(generate: GenerateFn, tokenizer: TokenizerLike, questions: list[st
     """One Delethink chunk: every unfinished trace goes on from question + its own tail;
     finished traces are kept as they are (and cost nothing)."""
     slots = [(i, j) for i, group in enumerate(population) for j, c in enumerate(group) if not c.finished]
-    prompts = [questions[i] + last_tokens(population[i][j].text, cfg.tail_tokens, tokenizer)
-               for i, j in slots]
+    cut = last_tokens([population[i][j].text for i, j in slots], cfg.tail_tokens, tokenizer)
+    prompts = [questions[i] + tail for (i, _), tail in zip(slots, cut)]
     fresh = [group[0] for group in generate(prompts, 1, cfg.temperature)] if prompts else []
     population = [list(group) for group in population]
     for (i, j), c in zip(slots, fresh):

@@ -26,8 +26,11 @@ class CharTokenizer:
     def encode(self, text, add_special_tokens=False):
         return [ord(ch) for ch in text]
 
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(i) for i in ids)
+    def __call__(self, texts, add_special_tokens=False):
+        return {"input_ids": [self.encode(text) for text in texts]}
+
+    def batch_decode(self, ids, skip_special_tokens=True):
+        return ["".join(chr(i) for i in one) for one in ids]
 
 
 @dataclass
@@ -189,10 +192,13 @@ def test_tail_fits_its_budget_even_when_a_cut_splits_a_character(tiny_checkpoint
     from zaya_rl.models import load_tokenizer
 
     tok = load_tokenizer(tiny_checkpoint)  # byte-level BPE: a cut can fall inside a character
-    text = "12+3=15\n" + "Λ�é" * 10 + "15-4=11\n\\boxed{11}"
+    texts = ["12+3=15\n" + "Λ�é" * 10 + "15-4=11\n\\boxed{11}", "é" * 30, "1+2=3\n"]
     for n in range(1, 40):
-        assert len(tok.encode(last_tokens(text, n, tok), add_special_tokens=False)) <= n
-    assert last_tokens(text, 1000, tok) == text
+        cut = last_tokens(texts, n, tok)
+        assert [len(tok.encode(c, add_special_tokens=False)) <= n for c in cut] == [True] * 3
+        assert all(text.endswith(c) for text, c in zip(texts, cut))
+    assert last_tokens(texts, 1000, tok) == texts
+    assert last_tokens([], 4, tok) == []
 
 
 def test_rsa_on_vllm_keeps_prompts_bounded(tiny_checkpoint):
