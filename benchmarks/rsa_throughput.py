@@ -11,8 +11,8 @@ not depend on what the weights know):
    seconds of this process (vLLM runs in-process): on a shared, oversubscribed machine wall
    time swung the ratio between 0.5 and 1.2 for identical calls, CPU time much less. One RSA
    run still swung between 0.81 and 0.94 from run to run, so RSA runs R times (default 5,
-   --quick 3) and the report gives each run's ratio, their median, and the rounds pooled
-   over all runs;
+   --quick 3) and the report gives each run's ratio, their median, and each round's figures
+   averaged over the runs;
 2. per round: longest prompt (tokens) and seconds, for Markovian RSA (τ < β) and full RSA
    (τ = β, whole traces carried; not paired, to keep the benchmark short).
 
@@ -76,23 +76,24 @@ def paired_rsa(rollout: Rollout, questions: list[str], cfg: RsaConfig) -> dict:
     result = run_rsa(generate, rollout.engine.tokenizer, questions, cfg)
     rounds = [{**asdict(stats), **base, "seconds": stats.seconds - base.pop("plain_calls_seconds")}
               for stats, base in zip(result.rounds, plain)]
-    return _with_ratios(_summed(rounds, skip="longest_prompt_tokens"), rounds=rounds)
+    return _with_ratios(_summed(rounds), rounds=rounds)
 
 
 def pooled(runs: list[dict]) -> dict:
     """Runs of `paired_rsa` as one: each round's figures averaged over runs (the longest prompt
     the longest), and each run's ratios with their median."""
-    rounds = [{**{key: value / len(runs) for key, value in _summed(same, skip="longest_prompt_tokens").items()},
+    rounds = [{**{key: value / len(runs) for key, value in _summed(same).items()},
                "longest_prompt_tokens": max(r["longest_prompt_tokens"] for r in same)}
               for same in zip(*(run["rounds"] for run in runs))]
     return _with_ratios(
-        _summed(rounds, skip="longest_prompt_tokens"), rounds=rounds,
+        _summed(rounds), rounds=rounds,
         **{f"runs_{kind}": [run[kind] for run in runs] for kind in ("wall_ratio", "cpu_ratio")},
         **{f"median_{kind}": statistics.median(run[kind] for run in runs) for kind in ("wall_ratio", "cpu_ratio")})
 
 
-def _summed(rows: list[dict], skip: str) -> dict:
-    return {key: sum(r[key] for r in rows) for key in rows[0] if key != skip}
+def _summed(rows: list[dict]) -> dict:
+    """Every figure of the rows added up, but the longest prompt, which does not add."""
+    return {key: sum(r[key] for r in rows) for key in rows[0] if key != "longest_prompt_tokens"}
 
 
 def _with_ratios(total: dict, **extra) -> dict:

@@ -153,8 +153,8 @@ def last_tokens(texts: list[str], num_tokens: int, tokenizer: TokenizerLike) -> 
     return out
 
 
-def tails(candidates: Sequence[CompletionLike], tail_tokens: int, tokenizer: TokenizerLike,
-          hybrid: bool) -> list[str]:
+def cut_tails(candidates: Sequence[CompletionLike], tail_tokens: int, tokenizer: TokenizerLike,
+              hybrid: bool) -> list[str]:
     """What each candidate passes on: its last τ tokens; in hybrid mode a finished candidate
     passes its final-answer section (from the last line holding \\boxed), cut to τ tokens
     too so the prompt bound still holds."""
@@ -182,7 +182,7 @@ def aggregation_prompts(questions: list[str], groups: Sequence[Sequence[Completi
                         hybrid: bool = False) -> list[str]:
     """For each question, one aggregation prompt per draw, carrying the drawn candidates of its
     group; all candidates' tails are cut in one batch."""
-    cut = iter(tails([c for group in groups for c in group], tail_tokens, tokenizer, hybrid))
+    cut = iter(cut_tails([c for group in groups for c in group], tail_tokens, tokenizer, hybrid))
     cut_groups = [[next(cut) for _ in group] for group in groups]
     return [aggregation_prompt(question, [group[i] for i in draw])
             for question, group, question_draws in zip(questions, cut_groups, draws) for draw in question_draws]
