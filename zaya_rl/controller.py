@@ -66,11 +66,15 @@ def init_ray() -> None:
           f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics")
 
 
-def lr_at(stage: StageBase, step: int) -> float:
-    """Linear warm-up, then constant."""
+def lr_at(stage: StageBase, step: int, progress: float) -> float:
+    """Linear warm-up, then constant or cosine decay over the stage's progress (0 to 1: the larger
+    of its share of steps and of max_seconds done, since a time-bound stage ends by the clock)."""
     if stage.warmup_steps and step < stage.warmup_steps:
         return stage.lr * (step + 1) / stage.warmup_steps
-    return stage.lr
+    if stage.lr_schedule == "constant":
+        return stage.lr
+    low = stage.lr * stage.min_lr_ratio
+    return low + (stage.lr - low) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def accuracy_with_interval(correct: list[bool]) -> dict:
@@ -285,13 +289,16 @@ class Controller:
         with Progress(transient=False) as progress:
             bar = progress.add_task(f"{stage.kind} {stage.name}", total=steps, completed=pos.step)
             while pos.step < steps:
-                if stage.max_seconds and time.perf_counter() - start > stage.max_seconds:
+                elapsed = time.perf_counter() - start
+                if stage.max_seconds and elapsed > stage.max_seconds:
                     break
                 tokens, generate_seconds = times.generated_tokens, times.seconds.get("generate", 0.0)
+                done = max(pos.step / steps, elapsed / stage.max_seconds if stage.max_seconds else 0.0)
+                lr = lr_at(stage, pos.step, done)
                 if isinstance(stage, SftStage):
-                    stats = self.sft_step(stage, pos.step, curriculum, times)
+                    stats = self.sft_step(stage, lr, curriculum, times)
                 else:
-                    stats = self.rl_step(stage, pos.step, curriculum, times)
+                    stats = self.rl_step(stage, lr, curriculum, times)
                 if times.generated_tokens > tokens:  # the engines' throughput in this step
                     stats["rollout_tokens_per_second"] = ((times.generated_tokens - tokens)
                                                           / (times.seconds["generate"] - generate_seconds))
@@ -387,7 +394,7 @@ class Controller:
                 out[i] = float(v.passed)
         return out
 
-    def sft_step(self, stage: SftStage, step: int, curriculum: AdaptiveCurriculum, times: StageTimes) -> dict:
+    def sft_step(self, stage: SftStage, lr: float, curriculum: AdaptiveCurriculum, times: StageTimes) -> dict:
         tasks = curriculum.next_batch(stage.batch_size, levels=stage.levels)
         num_aggregated = round(stage.aggregation_share * stage.batch_size)
         if num_aggregated:
@@ -395,8 +402,8 @@ class Controller:
         batch = [Sequence(self._ids(t.prompt), self._ids(t.solution) + [self.tokenizer.eos_token_id])
                  for t in tasks]
         with Timer(times, "train"):
-            stats = self.learners.sft_step(batch, lr=lr_at(stage, step))
-        return {"loss": stats["loss"], "lr": lr_at(stage, step), "aggregation_prompts": num_aggregated,
+            stats = self.learners.sft_step(batch, lr=lr)
+        return {"loss": stats["loss"], "lr": lr, "aggregation_prompts": num_aggregated,
                 "expert_load": stats["expert_load"]}
 
     def sampled_aggregation_tasks(self, stage: SftStage, tasks: list[Task], times: StageTimes) -> list[Task]:
@@ -416,7 +423,7 @@ class Controller:
                                           self.tokenizer)
         return [replace(task, uid=task.uid + "/aggregated", prompt=prompt) for task, prompt in zip(tasks, prompts)]
 
-    def rl_step(self, stage: RlStage, step: int, curriculum: AdaptiveCurriculum, times: StageTimes) -> dict:
+    def rl_step(self, stage: RlStage, lr: float, curriculum: AdaptiveCurriculum, times: StageTimes) -> dict:
         """One RL step: generate -> verify -> advantages -> update -> weight sync."""
         cfg = stage.algorithm
         groups, rewards, seen = self.sample_groups(stage, curriculum, times)
@@ -431,7 +438,7 @@ class Controller:
         stats: dict = {}
         if len(batch) >= stage.minibatches * self.learners.num_workers:
             with Timer(times, "train"):
-                stats = self.learners.rl_step(batch, lr=lr_at(stage, step), algorithm=cfg,
+                stats = self.learners.rl_step(batch, lr=lr, algorithm=cfg,
                                               minibatches=stage.minibatches, temperature=stage.rollout.temperature)
             with Timer(times, "sync"):
                 self.sync_weights()
@@ -440,7 +447,7 @@ class Controller:
             "kept_groups": len(groups), "sampled_groups": seen["groups"], "response_tokens": seen["tokens"],
             "aggregation_prompts": seen["aggregated"], "sources": curriculum.metrics(),
             **{f"verifier_{k}": v for k, v in self.verifiers.stats().items()},  # totals: deaths, timeouts
-            "lr": lr_at(stage, step), **stats,  # the learner's numbers and expert_load
+            "lr": lr, **stats,  # the learner's numbers and expert_load
         }
 
     def sample_groups(self, stage: RlStage, curriculum: AdaptiveCurriculum, times: StageTimes):

@@ -321,6 +321,10 @@ class StageBase(StrictModel):
     max_seconds: float | None = Field(None, gt=0, description="stop the stage early after this wall time")
     lr: float = Field(gt=0)
     warmup_steps: int = Field(0, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = Field("constant", description="after warm-up: constant, or "
+                                                       "cosine decay to min_lr_ratio * lr at the stage's end "
+                                                       "(its steps or max_seconds, whichever comes first)")
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
     eval_at_end: bool = True
     eval: EvalConfig = Field(EvalConfig(), description="the evaluation at the stage's end: the recipe's "
                              "`eval` with the stage's own fields over it")

@@ -236,3 +236,17 @@ def test_eval_cli_takes_rsa_settings_from_the_recipe_unless_flags_say_otherwise(
         population=6, tails=2, rounds=1, budget=20, tail_tokens=10, temperature=0.0, seed=1, hybrid=False,
         aggregation_temperature=0.5)
     assert rsa_config(parser.parse_args(["eval", "--tail-tokens", "8"]), None) == RsaConfig(tail_tokens=8)
+
+
+def test_lr_schedule_warms_up_then_decays_by_the_stages_progress():
+    from zaya_rl.controller import lr_at
+
+    constant = SftStage(kind="sft", name="s", steps=100, lr=1.0, warmup_steps=10)
+    assert [lr_at(constant, s, s / 100) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]
+    assert lr_at(constant, 99, 0.99) == 1.0
+    cosine = constant.model_copy(update={"lr_schedule": "cosine", "min_lr_ratio": 0.2})
+    assert lr_at(cosine, 4, 0.04) == 0.5  # still warming up
+    assert lr_at(cosine, 10, 0.0) == pytest.approx(1.0)
+    assert lr_at(cosine, 50, 0.5) == pytest.approx(0.6)
+    assert lr_at(cosine, 100, 1.0) == pytest.approx(0.2)
+    assert lr_at(cosine, 100, 1.7) == pytest.approx(0.2)  # a step past max_seconds stays at the floor
