@@ -158,8 +158,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{'all':>5} {'':24} {markov_run['seconds']:11.2f} {'':22} {full_run['seconds']:9.2f}")
 
     args.out.mkdir(parents=True, exist_ok=True)
-    report = {"num_problems": num_problems, "repeats": repeats, "model": model_cfg.model_dump(), "markov_config": asdict(markov),
-              "full_config": asdict(full), "markov": markov_run, "full": full_run}
+    report = {"num_problems": num_problems, "repeats": repeats, "model": model_cfg.model_dump(),
+              "markov_config": asdict(markov), "full_config": asdict(full), "markov": markov_run, "full": full_run}
     (args.out / "rsa_throughput.json").write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out / 'rsa_throughput.json'}")
     return report

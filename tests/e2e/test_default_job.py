@@ -33,7 +33,8 @@ def check_run_dir(run_dir: Path, rl_steps: int):
     # A quarter of each SFT batch are aggregation prompts over samples drawn at the step.
     assert [r["aggregation_prompts"] for r in sft] == [2] * len(sft) and sft
     # Cosine decay over the stage's 4 steps, towards 0.1 of the peak learning rate.
-    assert [r["lr"] for r in sft] == pytest.approx([1e-4 + 9e-4 * (1 + math.cos(math.pi * s / 4)) / 2 for s in range(4)])
+    cosine = [1e-4 + 9e-4 * (1 + math.cos(math.pi * s / 4)) / 2 for s in range(4)]
+    assert [r["lr"] for r in sft] == pytest.approx(cosine)
     rl = [r for r in records if r["stage"] == "rl" and "reward" in r]
     assert [r["step"] for r in rl] == list(range(rl_steps))
     # From the second step on, a quarter of the prompts aggregate the policy's own samples.
