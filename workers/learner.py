@@ -34,6 +34,8 @@ from zaya_rl.router_replay import replay_routing, routing_mismatch
 # Files of a checkpoint directory that hold weights; everything else save() does not write
 # itself (tokenizer files, chat template) is copied over from the source checkpoint.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
+# The KL reference's weights, beside DeepSpeed's state in a run checkpoint
+REFERENCE_FILE = "kl_reference.safetensors"
 
 
 @dataclass
@@ -407,14 +409,27 @@ class Learner:
             os.replace(tmp, path)
 
     def save_state(self, path: str) -> None:
-        """DeepSpeed's checkpoint of this rank: weights, optimizer state and step counters."""
+        """DeepSpeed's checkpoint of this rank: weights, optimizer state and step counters; and
+        the KL reference when there is one (every rank holds the same copy; rank 0 writes it)."""
+        from safetensors.torch import save_file
+
         self.engine.save_checkpoint(path, tag="state", save_latest=False)
+        if self.reference is not None and self.rank == 0:
+            # Copies: tied weights share storage, which safetensors refuses to write.
+            save_file({k: v.detach().to("cpu", copy=True) for k, v in self.reference.state_dict().items()},
+                      os.path.join(path, REFERENCE_FILE))
 
     def load_state(self, path: str) -> None:
+        """The state save_state wrote. A saved KL reference replaces this learner's: a resumed
+        run keeps penalising the distance to the policy it started from, not to the resumed one."""
+        from safetensors.torch import load_file
+
         _, client_state = self.engine.load_checkpoint(path, tag="state", load_optimizer_states=True,
                                                       load_lr_scheduler_states=False)
         if client_state is None:
             raise FileNotFoundError(f"no DeepSpeed state under {path}")
+        reference = os.path.join(path, REFERENCE_FILE)
+        self.reference = self._frozen_copy(load_file(reference)) if os.path.exists(reference) else None
 
     # --- internals ------------------------------------------------------------------------
 
@@ -450,15 +465,19 @@ class Learner:
     @torch.no_grad()
     def _reference_logprobs(self, t: _Tensors, temperature: float) -> torch.Tensor:
         """Log-probs under the frozen reference, a copy of the current policy made on first use."""
-        from transformers import AutoModelForCausalLM
-
         if self.reference is None:  # from memory: the source checkpoint may have been pruned
-            self.reference = prepare_policy(AutoModelForCausalLM.from_config(self.engine.module.config))
-            self.reference.load_state_dict(self._full_state_dict())
-            self.reference.to(self.device).requires_grad_(False)
+            self.reference = self._frozen_copy(self._full_state_dict())
         with replay_routing(self.reference, t.routed_experts):
             logits = self.reference(input_ids=t.input_ids, attention_mask=t.attention_mask, use_cache=False).logits
         return completion_logprobs(logits, t, temperature)
+
+    def _frozen_copy(self, state: dict[str, torch.Tensor]):
+        """A model of the policy's architecture holding `state`, without gradients, on this device."""
+        from transformers import AutoModelForCausalLM
+
+        model = prepare_policy(AutoModelForCausalLM.from_config(self.engine.module.config))
+        model.load_state_dict(state)
+        return model.to(self.device).requires_grad_(False)
 
     def _full_state_dict(self, wanted: bool = True) -> dict[str, torch.Tensor]:
         """fp32 CPU copies of all weights on this rank; under ZeRO-3 a collective gather, which

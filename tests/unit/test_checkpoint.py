@@ -68,3 +68,31 @@ def test_learner_optimizer_state_round_trips(tiny_checkpoint, tmp_path):
     learner.sft_step(batch, lr=1e-2)
     again = learner.state_dict()
     assert all(torch.equal(one_more[k], again[k]) for k in one_more)
+
+
+def test_the_kl_reference_is_saved_with_the_state_and_restored(tiny_checkpoint, tmp_path):
+    """A resumed run keeps the KL reference it started from, not the resumed policy."""
+    from workers.learner import REFERENCE_FILE, Learner, Sequence
+    from zaya_rl.recipe import AlgorithmConfig, DeepSpeedConfig
+
+    learner = Learner(str(tiny_checkpoint), DeepSpeedConfig(zero_stage=2), master_port=29732)
+    seqs = [Sequence([5, 6, 7], [8, 9, 1], advantage=1.0), Sequence([5, 7], [9, 9, 9, 1], advantage=-1.0)]
+    for seq, logprobs in zip(seqs, learner.logprobs(seqs)):
+        seq.old_logprobs = logprobs
+    learner.save_state(str(tmp_path / "before_rl"))
+    learner.rl_step(seqs, lr=1e-2, algorithm=AlgorithmConfig(kl_coef=0.1))  # the reference: the policy before it
+    learner.sft_step(seqs, lr=1e-2)
+    reference = {k: v.clone() for k, v in learner.reference.state_dict().items()}
+    learner.save_state(str(tmp_path / "after_rl"))
+    assert (tmp_path / "after_rl" / REFERENCE_FILE).is_file()
+    assert not (tmp_path / "before_rl" / REFERENCE_FILE).exists()
+
+    resumed = Learner(str(tiny_checkpoint), DeepSpeedConfig(zero_stage=2), master_port=29733)
+    resumed.load_state(str(tmp_path / "after_rl"))
+    restored = resumed.reference.state_dict()
+    policy = resumed.state_dict()
+    assert all(torch.equal(reference[k], restored[k].cpu()) for k in reference)
+    assert not all(torch.equal(reference[k], policy[k]) for k in reference)  # two steps apart
+    assert not any(p.requires_grad for p in resumed.reference.parameters())
+    resumed.load_state(str(tmp_path / "before_rl"))
+    assert resumed.reference is None
