@@ -8,7 +8,8 @@ a checkpoint, no Ray). On one set of tasks it reports:
 - majority vote over those N samples, and pass@N;
 - RSA: mean correctness of the final population (the paper's "pass@1") and its majority;
 - a matched-token baseline: majority vote over k fresh samples, k chosen so that they cost
-  about as many generated tokens as RSA spent;
+  about as many generated tokens as RSA spent, and RSA's paired difference from it (per
+  problem, so its standard error is that of the difference, not of either accuracy);
 - generated tokens per problem for each, and per round the longest prompt and its time;
 - per aggregation round, the accuracy a vote among the candidates each member was shown would
   have had, and how often a member's answer was one of theirs: an aggregator worth its tokens
@@ -59,6 +60,18 @@ def aggregation_readouts(before: list[tuple[list, list[bool]]], after: list[tupl
     return {"candidate_vote_accuracy": vote / members, "answer_from_candidates": copied / members}
 
 
+def paired_difference(a: list[float], b: list[float]) -> dict[str, float]:
+    """Per-problem scores a - b on the same problems: the mean difference, its standard error,
+    and on how many problems each side scored higher."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired scores need two equal, non-empty lists, got {len(a)} and {len(b)}")
+    diffs = [x - y for x, y in zip(a, b)]
+    n, mean = len(diffs), sum(diffs) / len(diffs)
+    variance = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
+    return {"difference": mean, "standard_error": (variance / n) ** 0.5,
+            "a_higher": sum(d > 0 for d in diffs), "b_higher": sum(d < 0 for d in diffs)}
+
+
 def evaluate(rollout, tasks: list[Task], cfg: RsaConfig, verifier: MathVerifier) -> dict:
     """RSA, sampling and majority-vote read-outs of `rollout`'s model on `tasks`."""
     num = len(tasks)
@@ -89,6 +102,7 @@ def evaluate(rollout, tasks: list[Task], cfg: RsaConfig, verifier: MathVerifier)
         "rsa_majority": {"accuracy": _mean(final, "majority"), "tokens_per_problem": rsa_tokens / num},
         "matched_majority": {"accuracy": _mean(matched_scores, "majority"), "samples": k,
                              "tokens_per_problem": matched_tokens / num},
+        "rsa_minus_matched": paired_difference([r["mean"] for r in final], [r["majority"] for r in matched_scores]),
         "pass_at_n": {"round_0": _mean(first, "pass_at_n"), "final": _mean(final, "pass_at_n")},
         "rounds": [{"round": t, **asdict(stats), "mean_accuracy": _mean(scores, "mean"),
                     **(aggregation_readouts(judged[t - 1], judged[t], result.draws[t - 1]) if t else {})}
@@ -143,6 +157,9 @@ def format_report(report: dict) -> str:
         (f"majority vote @{report['matched_majority']['samples']} (matched tokens)", report["matched_majority"]),
     ]
     lines += [f"{name:38} {r['accuracy']:9.3f} {r['tokens_per_problem']:19.1f}" for name, r in rows]
+    paired = report["rsa_minus_matched"]
+    lines.append(f"RSA (mean) minus matched majority: {paired['difference']:+.3f} +- {paired['standard_error']:.3f} "
+                 f"(paired standard error); RSA higher on {paired['a_higher']} problems, lower on {paired['b_higher']}")
     lines.append(f"pass@{cfg['population']}: round 0 {report['pass_at_n']['round_0']:.3f}, "
                  f"final {report['pass_at_n']['final']:.3f}")
     lines.append(f"{'round':>5} {'prompts':>8} {'longest prompt':>15} {'gen tokens':>11} {'seconds':>8} "

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from zaya_rl.evaluate import aggregation_readouts
+from zaya_rl.evaluate import aggregation_readouts, paired_difference
 from zaya_rl.rsa import (
     INSTRUCTION, RsaConfig, aggregation_prompt, last_tokens, majority_index, plurality_correctness, readouts,
     run_rsa, template_overhead_tokens,
@@ -180,6 +180,16 @@ def test_vote_among_shown_candidates_and_copying():
     assert readout["answer_from_candidates"] == pytest.approx(1 / 3)  # "2" was shown; "7" and None were not
 
 
+def test_paired_difference_of_per_problem_scores():
+    paired = paired_difference([1.0, 0.5, 0.0, 1.0], [0.0, 0.5, 1.0, 0.0])
+    # differences 1, 0, -1, 1: mean 0.25, sample variance (0.5625 + 0.0625 + 1.5625 + 0.5625) / 3
+    assert paired["difference"] == pytest.approx(0.25)
+    assert paired["standard_error"] == pytest.approx((2.75 / 3 / 4) ** 0.5)
+    assert (paired["a_higher"], paired["b_higher"]) == (2, 1)
+    with pytest.raises(ValueError, match="equal"):
+        paired_difference([1.0], [1.0, 0.0])
+
+
 @pytest.mark.parametrize("kw", [dict(tails=9), dict(tail_tokens=65), dict(tails=2, continuation=True),
                                 dict(rounds=-1),
                                 dict(aggregation_temperature=-0.5)])
@@ -232,6 +242,10 @@ def test_eval_cli_writes_json(tiny_checkpoint, tmp_path):
     for key in ("single_sample", "majority_vote", "rsa_mean", "rsa_majority", "matched_majority"):
         assert 0.0 <= report[key]["accuracy"] <= 1.0 and report[key]["tokens_per_problem"] >= 0
     assert 0.0 <= report["pass_at_n"]["round_0"] <= 1.0
+    paired = report["rsa_minus_matched"]
+    gap = report["rsa_mean"]["accuracy"] - report["matched_majority"]["accuracy"]
+    assert paired["difference"] == pytest.approx(gap)
+    assert paired["a_higher"] + paired["b_higher"] <= 4 and paired["standard_error"] >= 0.0
     assert report["rsa"]["temperature"] == 1.0 and report["rsa"]["aggregation_temperature"] == 0.0
     assert len(report["rounds"]) == 2 and report["rounds"][1]["longest_prompt_tokens"] > 0
     assert 0.0 <= report["rounds"][1]["candidate_vote_accuracy"] <= report["pass_at_n"]["round_0"]
