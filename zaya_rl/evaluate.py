@@ -66,7 +66,8 @@ def paired_difference(a: list[float], b: list[float]) -> dict[str, float]:
     if len(a) != len(b) or not a:
         raise ValueError(f"paired scores need two equal, non-empty lists, got {len(a)} and {len(b)}")
     diffs = [x - y for x, y in zip(a, b)]
-    n, mean = len(diffs), sum(diffs) / len(diffs)
+    n = len(diffs)
+    mean = sum(diffs) / n
     variance = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
     return {"difference": mean, "standard_error": (variance / n) ** 0.5,
             "a_higher": sum(d > 0 for d in diffs), "b_higher": sum(d < 0 for d in diffs)}
