@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 def group_advantages(rewards: torch.Tensor, estimator: str, eps: float = 1e-6) -> torch.Tensor:
     """Advantages for rewards shaped (num_groups, group_size): one group per prompt."""
+    if rewards.numel() == 0:  # a step that kept no group; torch's std would warn
+        return rewards.clone()
     mean = rewards.mean(dim=1, keepdim=True)
     if estimator == "grpo":
         return (rewards - mean) / (rewards.std(dim=1, keepdim=True) + eps)

@@ -1,6 +1,7 @@
 import math
 import random
 import string
+import warnings
 import zlib
 
 import pytest
@@ -38,6 +39,14 @@ def test_advantages_by_hand():
     assert torch.allclose(group_advantages(r, "rloo"), torch.tensor([[1 - 1 / 3, -2 / 3, -2 / 3, 1 - 1 / 3]]))
     # MaxRL: (r - mean) / mean, mean 0.5
     assert torch.allclose(group_advantages(r, "maxrl"), torch.tensor([[1.0, -1.0, -1.0, 1.0]]), atol=1e-5)
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo", "maxrl"])
+def test_a_step_that_kept_no_group_has_empty_advantages_and_no_warning(estimator):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's std over an empty batch warns "degrees of freedom"
+        advantages = group_advantages(torch.zeros(0, 8), estimator)
+    assert advantages.shape == (0, 8)
 
 
 def test_uniform_and_selected_groups():
