@@ -1,5 +1,6 @@
-"""Command line: `zaya-rl run [--resume | --stage NAME --from CKPT] | validate | show RECIPE`,
-and `zaya-rl eval` (test-time compute, zaya_rl/evaluate.py).
+"""Command line: `zaya-rl run [--resume | --stage NAME --from CKPT] | validate | show RECIPE`
+and `zaya-rl eval` (test-time compute, zaya_rl/evaluate.py); `--set KEY=VALUE` overrides a
+field of the recipe.
 
 A recipe that cannot be run is reported (file, field, line) with exit code 2 before
 anything starts.
@@ -27,14 +28,18 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--stage", help="start at this stage (skipping the ones before it)")
     run.add_argument("--from", dest="init_from", type=Path,
                      help="with --stage: the HF checkpoint to start from (default: the recipe's model)")
-    sub.add_parser("validate", help="check a recipe and exit").add_argument("recipe")
-    sub.add_parser("show", help="print the fully resolved recipe").add_argument("recipe")
+    validate = sub.add_parser("validate", help="check a recipe and exit")
+    validate.add_argument("recipe")
+    show = sub.add_parser("show", help="print the fully resolved recipe")
+    show.add_argument("recipe")
+    for command in (run, validate, show):
+        add_set_argument(command)
     add_eval_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "eval":
         return eval_command(args)
 
-    recipe = load_or_report(args.recipe)
+    recipe = load_or_report(args.recipe, args.overrides)
     if recipe is None:
         return 2
     if args.command == "validate":
@@ -71,10 +76,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def load_or_report(path: str):
+def add_set_argument(parser) -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one recipe field (repeatable): a dotted key, a list element by "
+                             "index or name, a YAML value; e.g. --set stages.rl.lr=3e-5 --set rollout.group_size=4")
+
+
+def load_or_report(path: str, overrides: list[str] = ()):
     """The recipe, or None after printing why it cannot be run (the caller exits with 2)."""
     try:
-        return load_recipe(path)
+        return load_recipe(path, overrides)
     except RecipeError as err:
         print(f"zaya-rl: invalid recipe\n{err}", file=sys.stderr)
         return None
@@ -105,6 +116,7 @@ def add_eval_parser(sub) -> None:
     ev.add_argument("--seed", type=int, help="default: the recipe's seed or 0")
     ev.add_argument("--threads", type=int, default=2, help="torch threads of the engine")
     ev.add_argument("--out", type=Path, help="write the report here as JSON")
+    add_set_argument(ev)
 
 
 def eval_command(args) -> int:
@@ -114,9 +126,12 @@ def eval_command(args) -> int:
 
     recipe = None
     if args.recipe:
-        recipe = load_or_report(args.recipe)
+        recipe = load_or_report(args.recipe, args.overrides)
         if recipe is None:
             return 2
+    elif args.overrides:
+        print("zaya-rl: --set changes a recipe: give --recipe", file=sys.stderr)
+        return 2
     checkpoint = args.checkpoint or (recipe.run_dir / "final" if recipe else None)
     if checkpoint is None or not (checkpoint / "config.json").is_file():
         print(f"zaya-rl: no checkpoint at {checkpoint} (give --checkpoint DIR)", file=sys.stderr)

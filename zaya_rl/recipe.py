@@ -437,6 +437,7 @@ class MetricsConfig(StrictModel):
 JOB_WIDE = ("model", "resources", "deepspeed", "checkpoint", "metrics")
 # The recipe's blocks a stage of each kind may override field by field (`data` it replaces whole).
 STAGE_BLOCKS = {"rl": ("rollout", "algorithm", "curriculum", "eval"), "sft": ("eval",)}
+STAGE_BLOCK_NAMES = {name for names in STAGE_BLOCKS.values() for name in names}
 
 
 class Recipe(StrictModel):
@@ -582,7 +583,9 @@ class RecipeError(ValueError):
     """A recipe that cannot be run; the message names the file, field and line."""
 
 
-def load_recipe(path: str | Path, overrides: dict | None = None) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """`overrides`: `KEY=VALUE` settings (`zaya-rl run --set`) put into the YAML before it is
+    validated, so the result is exactly the recipe a file with those values would give."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
@@ -595,7 +598,7 @@ def load_recipe(path: str | Path, overrides: dict | None = None) -> Recipe:
         raise RecipeError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping, got {type(data).__name__}")
-    data.update(overrides or {})
+    set_at = {_override(data, item): item for item in overrides}
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:
@@ -605,11 +608,68 @@ def load_recipe(path: str | Path, overrides: dict | None = None) -> Recipe:
             if _AT in msg:
                 msg, at = msg.rsplit(_AT, 1)
                 loc = loc + tuple(int(k) if k.isdigit() else k for k in at.split("."))
+            in_data = _data_path(data, loc)
+            if len(loc) > 3 and loc[0] == "stages" and loc[3] in STAGE_BLOCK_NAMES and len(in_data) < len(loc) - 1:
+                loc = in_data = loc[3:]  # the stage does not set this field: the recipe's own block did
             field = ".".join(str(p) for p in loc) or "(recipe)"
+            # an override sets the failing field, or a field inside the failing block
+            given = next((item for at, item in set_at.items()
+                          if in_data[:len(at)] == at or (in_data and at[:len(in_data)] == in_data)), None)
             line = _line_of(root, loc)
-            where = f"{path}:{line}" if line else str(path)
+            where = f"--set {given}" if given else f"{path}:{line}" if line else str(path)
             lines.append(f"{where}: {field}: {msg}")
-        raise RecipeError("\n".join(lines)) from None
+        raise RecipeError("\n".join(dict.fromkeys(lines))) from None
+
+
+def _override(data: dict, item: str) -> tuple:
+    """Put one `KEY=VALUE` into `data` and return where it went. KEY is dotted; in a list a
+    part is an index or the `name` of an element (`stages.rl.lr`, `data.sources.chain.weight`);
+    VALUE is read as YAML (`4`, `3e-5`, `null`, `[1, 2]`, `{population: 4}`)."""
+    key, eq, text = item.partition("=")
+    parts = key.split(".")
+    if not eq or not all(parts):
+        raise RecipeError(f"--set {item}: expected KEY=VALUE with a dotted KEY, e.g. stages.rl.lr=3e-5")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise RecipeError(f"--set {item}: the value is not valid YAML: {err}") from None
+    node, at = data, []
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        if isinstance(node, list):
+            names = [e.get("name") if isinstance(e, dict) else None for e in node]
+            index = int(part) if part.isdigit() else names.index(part) if part in names else None
+            if index is None or index >= len(node):
+                raise RecipeError(f"--set {item}: {'.'.join(parts[:depth])} has no element "
+                                  f"{part!r} (give an index below {len(node)} or one of the names {names})")
+            part = index
+        elif not isinstance(node, dict):
+            raise RecipeError(f"--set {item}: {'.'.join(parts[:depth])} is a value, not a block")
+        elif not last and node.get(part) is None:
+            node[part] = {}
+        at.append(part)
+        if last:
+            node[part] = value
+        else:
+            node = node[part]
+    return tuple(at)
+
+
+def _data_path(data: Any, loc: tuple) -> tuple:
+    """The parts of a pydantic error location that index `data` (it adds union tags such as
+    'sft'), to compare with where an override went."""
+    path = []
+    for key in loc:
+        if isinstance(data, dict) and key in data:
+            data = data[key]
+        elif isinstance(data, list) and isinstance(key, int) and key < len(data):
+            data = data[key]
+        elif isinstance(data, (dict, list)):
+            continue
+        else:
+            break
+        path.append(key)
+    return tuple(path)
 
 
 def _line_of(node: yaml.Node | None, loc: tuple) -> int | None:

@@ -56,10 +56,12 @@ def test_run_through_cli_on_local_ray(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     start = time.time()
     proc = subprocess.run([sys.executable, "-m", "zaya_rl.cli", "run", str(HERE / "mini.yaml"),
-                           "--run-dir", str(run_dir)], capture_output=True, text=True, env=env, timeout=900)
+                           "--run-dir", str(run_dir), "--set", "stages.rl.steps=2"],
+                          capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "held-out acc" in proc.stdout
-    check_run_dir(run_dir, rl_steps=3)
+    check_run_dir(run_dir, rl_steps=2)
+    assert "steps: 2\n" in (run_dir / "recipe.resolved.yaml").read_text()
     print(f"mini recipe through the CLI: {time.time() - start:.0f} s")
 
 

@@ -250,3 +250,57 @@ def test_lr_schedule_warms_up_then_decays_by_the_stages_progress():
     assert lr_at(cosine, 50, 0.5) == pytest.approx(0.6)
     assert lr_at(cosine, 100, 1.0) == pytest.approx(0.2)
     assert lr_at(cosine, 100, 1.7) == pytest.approx(0.2)  # a step past max_seconds stays at the floor
+
+
+def test_overrides_give_the_same_recipe_as_a_file_with_those_values(tmp_path):
+    overrides = ["name=other", "stages.aggregate_rl.lr=3e-5", "stages.1.batch_size=32",
+                 "rollout.rsa={population: 4, tails: 2}", "stages.aggregate_rl.rollout.max_tokens=48",
+                 "eval.levels=[0, 1]", "checkpoint.keep_last=5"]
+    data = yaml.safe_load((ROOT / "recipes/tiny_rsa.yaml").read_text())
+    data["name"] = "other"
+    data["stages"][2]["lr"] = 3e-5
+    data["stages"][1]["batch_size"] = 32
+    data["rollout"]["rsa"] = {"population": 4, "tails": 2}
+    data["stages"][2]["rollout"] = {"max_tokens": 48}
+    data["eval"]["levels"] = [0, 1]
+    data["checkpoint"] = {"keep_last": 5}
+    edited = _write(tmp_path, yaml.safe_dump(data))
+    recipe = load_recipe(ROOT / "recipes/tiny_rsa.yaml", overrides)
+    assert recipe == load_recipe(edited)
+    assert recipe != load_recipe(ROOT / "recipes/tiny_rsa.yaml")
+    assert recipe.stages[2].lr == 3e-5 and recipe.stages[2].rollout.rsa.population == 4
+
+
+@pytest.mark.parametrize("item, message", [
+    ("stages.aggregate_rl.lr", "expected KEY=VALUE"),
+    ("stages..lr=1", "expected KEY=VALUE"),
+    ("stages.rl.lr=1", "stages has no element 'rl'"),
+    ("stages.7.lr=1", "stages has no element '7'"),
+    ("seed.x=1", "seed is a value, not a block"),
+    ("rollout.rsa={population: [", "the value is not valid YAML"),
+    ("stages.aggregate_rl.lrr=3", "stages.2.rl.lrr: Extra inputs are not permitted"),
+    ("stages.aggregate_rl.lr=abc", "stages.2.rl.lr: Input should be a valid number"),
+    ("rollout.rsa.population=0", "rollout.rsa.population: Input should be greater than or equal to 1"),
+    ("stages.aggregate_rl.rollout.rsa.tails=9", "tails (9) must be <= population (8)"),
+])
+def test_a_bad_override_is_named(item, message):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(ROOT / "recipes/tiny_rsa.yaml", [item])
+    assert str(err.value).startswith(f"--set {item}: "), str(err.value)
+    assert message in str(err.value)
+    assert "tiny_rsa.yaml" not in str(err.value)  # the file is fine: only the override is reported
+
+
+def test_cli_set_on_show_validate_and_eval(tmp_path):
+    cli = [sys.executable, "-m", "zaya_rl.cli"]
+    shown = subprocess.run(cli + ["show", str(ROOT / "recipes/tiny.yaml"), "--set", "stages.rl.lr=3e-5",
+                                  "--set", "rollout.group_size=4"], capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    recipe = yaml.safe_load(shown.stdout)
+    assert recipe["stages"][1]["lr"] == 3e-5 and recipe["stages"][1]["rollout"]["group_size"] == 4
+    bad = subprocess.run(cli + ["validate", str(ROOT / "recipes/tiny.yaml"), "--set", "stages.rl.steps=many"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "--set stages.rl.steps=many: stages.1.rl.steps" in bad.stderr
+    no_recipe = subprocess.run(cli + ["eval", "--checkpoint", str(tmp_path), "--set", "seed=1"],
+                               capture_output=True, text=True)
+    assert no_recipe.returncode == 2 and "give --recipe" in no_recipe.stderr
