@@ -1,7 +1,8 @@
 """How long does a weight sync take as the model grows? Seconds per sync of a full fp32 state
-dict into a `RolloutWorker`'s vLLM engine, as the controller does it (the learner's weights
-put in Ray's object store once, the worker fetches them and reloads its engine in place),
-beside a plain in-memory copy (`clone`) of the same state dict in one process.
+dict into a `RolloutWorker`'s vLLM engine, as the controller does it (the learner's weights,
+as numpy arrays, put in Ray's object store once, the worker fetches them and reloads its
+engine in place), beside the same sync with the weights as torch tensors (which Ray pickles:
+how it was done before) and a plain in-memory copy (`clone`) of the state dict in one process.
 
     python -m benchmarks.weight_sync [--quick] [--out benchmarks/results]
 
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 
 from benchmarks.report import machine, text_table, write_json
+from zaya_rl.models import weights_for_transport
 from zaya_rl.recipe import TinyModelConfig
 from zaya_rl.tasks import TaskStream
 
@@ -54,21 +56,25 @@ def measure(name: str, tokenizer, repeats: int, workdir: Path) -> dict:
     num_bytes = sum(v.numel() * v.element_size() for v in state.values())
     worker = RolloutWorker.options(runtime_env={"env_vars": {"OMP_NUM_THREADS": str(THREADS)}}).remote(
         "vllm", str(path), seed=0, max_model_len=cfg.max_position_embeddings, torch_threads=THREADS)
-    sync, copy = [], []
+    payloads = {"numpy": weights_for_transport(state), "torch": state}
+    sync, copy = {name: [] for name in payloads}, []
     try:
         for version in range(1, repeats + 2):
-            start = time.perf_counter()
-            ray.get(worker.load_weights.remote(ray.put(state), version))
-            sync.append(time.perf_counter() - start)
+            for name, payload in payloads.items():  # alternated, so both see the same machine
+                start = time.perf_counter()
+                ray.get(worker.load_weights.remote(ray.put(payload), version))
+                sync[name].append(time.perf_counter() - start)
             start = time.perf_counter()
             copied = {k: v.clone() for k, v in state.items()}
             copy.append(time.perf_counter() - start)
             del copied
     finally:
         ray.kill(worker)
-    sync_s, copy_s = statistics.median(sync[1:]), statistics.median(copy[1:])  # the first is a warm-up
+    # the first of each is a warm-up
+    sync_s, torch_s, copy_s = (statistics.median(x[1:]) for x in (sync["numpy"], sync["torch"], copy))
     return {"parameters": sum(v.numel() for v in state.values()), "bytes": num_bytes, "sync_seconds": sync_s,
-            "sync_bytes_per_second": num_bytes / sync_s, "copy_seconds": copy_s,
+            "sync_bytes_per_second": num_bytes / sync_s, "sync_torch_tensors_seconds": torch_s,
+            "sync_torch_tensors_bytes_per_second": num_bytes / torch_s, "copy_seconds": copy_s,
             "copy_bytes_per_second": num_bytes / copy_s, "config": cfg.model_dump()}
 
 
@@ -93,14 +99,17 @@ def main(argv: list[str] | None = None) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             for name in settings["models"]:
                 rows[name] = measure(name, tokenizer, settings["repeats"], Path(tmp))
-                print(f"weight sync {name}: {rows[name]['sync_seconds']:.3f} s", flush=True)
+                print(f"weight sync {name}: {rows[name]['sync_seconds']:.3f} s "
+                      f"(torch tensors: {rows[name]['sync_torch_tensors_seconds']:.3f} s)", flush=True)
     finally:
         ray.shutdown()
     result = {"machine": machine(), "settings": settings, "rows": rows}
     write_json(args.out / "weight_sync.json", result)
     print(text_table("\nWeight sync into a RolloutWorker (object store + in-place vLLM reload) vs a plain copy",
-                     ["model", "parameters", "MB", "sync s", "sync MB/s", "copy s", "copy MB/s"],
+                     ["model", "parameters", "MB", "sync s", "sync MB/s", "as torch tensors s", "ratio", "copy s",
+                      "copy MB/s"],
                      [[name, r["parameters"], r["bytes"] / 1e6, r["sync_seconds"], r["sync_bytes_per_second"] / 1e6,
+                       r["sync_torch_tensors_seconds"], r["sync_torch_tensors_seconds"] / r["sync_seconds"],
                        r["copy_seconds"], r["copy_bytes_per_second"] / 1e6] for name, r in rows.items()]))
     return result
 

@@ -28,6 +28,7 @@ import numpy as np
 import ray
 import torch
 
+from zaya_rl.models import weights_as_tensors, weights_for_transport
 from zaya_rl.recipe import AlgorithmConfig, DeepSpeedConfig
 from zaya_rl.router_replay import replay_routing, routing_mismatch
 
@@ -542,8 +543,8 @@ class LearnerWorker:
     def logprobs(self, batch: list[Sequence], temperature: float = 1.0) -> list[list[float]]:
         return self.learner.logprobs(batch, temperature)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.learner.state_dict()
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return weights_for_transport(self.learner.state_dict())
 
     def save(self, path: str) -> None:
         self.learner.save(path)
@@ -598,10 +599,11 @@ class LearnerGroup:
         return ray.get(self._rank0_calls("logprobs", batch, temperature))[0]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return ray.get(self.state_dict_ref())
+        return weights_as_tensors(ray.get(self.state_dict_ref()))
 
     def state_dict_ref(self) -> ray.ObjectRef:
-        """Rank 0's weights as an object ref: rollout workers fetch them from the object store."""
+        """Rank 0's weights (numpy arrays) as an object ref: rollout workers fetch them from the
+        object store."""
         return self._rank0_calls("state_dict")[0]
 
     def save(self, path: str) -> None:

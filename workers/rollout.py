@@ -16,6 +16,7 @@ import numpy as np
 import ray
 import torch
 
+from zaya_rl.models import weights_as_tensors
 from zaya_rl.rsa import RsaConfig, RsaResult, run_rsa
 
 
@@ -248,8 +249,8 @@ class Rollout:
                  seed: int | None = None) -> list[list[Completion]]:
         return self.engine.generate(prompts, n, temperature, max_tokens, seed)
 
-    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> int:
-        self.engine.load_weights(state_dict)
+    def load_weights(self, state_dict: dict[str, torch.Tensor | np.ndarray], version: int) -> int:
+        self.engine.load_weights(weights_as_tensors(state_dict))
         self.weights_version = version
         return version
 

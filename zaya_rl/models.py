@@ -97,3 +97,23 @@ def load_model(path: Path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+
+
+def weights_for_transport(state_dict: dict) -> dict:
+    """A CPU state dict as numpy arrays: Ray's object store keeps those without pickling and
+    hands them to an actor on the same node as shared memory; torch tensors it pickles, which
+    made a weight sync several times slower (benchmarks/weight_sync.py)."""
+    return {name: tensor.numpy() for name, tensor in state_dict.items()}
+
+
+def weights_as_tensors(weights: dict) -> dict:
+    """Torch views of `weights_for_transport`'s arrays (or tensors, passed through). Arrays
+    fetched from the object store are read-only; the engines and tests only read them."""
+    import warnings
+
+    import numpy as np
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return {name: torch.from_numpy(w) if isinstance(w, np.ndarray) else w for name, w in weights.items()}

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from workers.rollout import Rollout
-from zaya_rl.models import load_model
+from zaya_rl.models import load_model, weights_for_transport
 
 PROMPTS = ["12+3=?\n", "4-5+6=?\n", "7+8=?\n"]
 
@@ -37,10 +37,15 @@ def test_logprobs_match_transformers_across_weight_updates(rollout, tiny_checkpo
     weights_a = {k: v.clone() for k, v in model.state_dict().items()}
     torch.manual_seed(0)
     weights_b = {k: v + 0.05 * torch.randn_like(v) for k, v in weights_a.items()}
+    # The controller sends numpy arrays, which arrive read-only from Ray's object store.
+    arrays_b = weights_for_transport(weights_b)
+    for array in arrays_b.values():
+        array.setflags(write=False)
     assert mean_abs_diff(rollout, model) < 1e-4
-    for version, weights in enumerate([weights_b, weights_a, weights_b], start=1):
+    for version, (weights, sent) in enumerate([(weights_b, weights_b), (weights_a, weights_a), (weights_b, arrays_b),
+                                               (weights_a, weights_a)], start=1):
         model.load_state_dict(weights)
-        assert rollout.load_weights(weights, version) == version
+        assert rollout.load_weights(sent, version) == version
         assert mean_abs_diff(rollout, model) < 1e-4
 
 
