@@ -2,11 +2,12 @@
 
 A checkpoint is a directory `run_dir/checkpoints/step-<global step>` holding whatever the
 controller puts in it (the model in HF format, the optimizer state, `state.json` with the
-curriculum, data position, random states and step counters) plus `MANIFEST.json`, written
+curriculum, data position, random states and step counters, the resolved recipe) plus `MANIFEST.json`, written
 last, with every file's size and SHA-256. It is built under a temporary name, flushed and
 renamed, so a crash leaves either a whole checkpoint or a temporary directory that is never
 read. `latest` walks the checkpoints newest first and skips (and reports) any whose files
 do not match its manifest: a truncated or corrupt checkpoint is never resumed from.
+`resumable_state` refuses, naming why, a checkpoint that the recipe cannot continue from.
 """
 
 from __future__ import annotations
@@ -18,8 +19,18 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import yaml
+
+from zaya_rl.recipe import Recipe
+
 MANIFEST = "MANIFEST.json"
 PREFIX = "step-"
+RECIPE = "recipe.resolved.yaml"  # the recipe that wrote the checkpoint, as `zaya-rl show` prints it
+STATE_KEYS = ("position", "data", "curriculum", "summary", "metrics_records", "random")
+
+
+class ResumeError(RuntimeError):
+    """A checkpoint the recipe cannot continue from; the message names it and says why."""
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -81,6 +92,34 @@ def latest(run_dir: Path, report: Callable[[str], None] = print) -> Path | None:
             return path
         report(f"skipping checkpoint {path}: {problem}")
     return None
+
+
+def resumable_state(path: Path, recipe: Recipe) -> dict:
+    """The checkpoint's `state.json`, once it is clear that `recipe` can continue from it: the
+    stages the run had finished or was in are the recipe's first stages (by name), and every
+    source whose data position it holds is still in the recipe. Settings may differ (a new lr,
+    `--set`), and so may the stages still to come."""
+    state = json.loads((path / "state.json").read_text())
+    restart = f"start a stage anew with --stage NAME --from {path / 'model'}"
+    if missing := [key for key in STATE_KEYS if key not in state]:
+        raise ResumeError(f"{path}: state.json lacks {missing} (an older zaya-rl wrote it): {restart}")
+    position = state["position"]
+    # the stages it finished, and the one it was in
+    reached = position["stage_index"] + (1 if position.get("step", 0) > 0 else 0)
+    names = [stage.name for stage in recipe.stages]
+    if (path / RECIPE).is_file():
+        written_by = [stage["name"] for stage in yaml.safe_load((path / RECIPE).read_text())["stages"]]
+        if written_by[:reached] != names[:reached]:
+            raise ResumeError(f"{path}: written after stages {written_by[:reached]} of {written_by}; the recipe "
+                              f"{recipe.name!r} has stages {names}: resume with the recipe that wrote it, or {restart}")
+    elif reached > len(names):
+        raise ResumeError(f"{path}: written after {reached} stages, but the recipe {recipe.name!r} has "
+                          f"{len(names)}: {restart}")
+    sources = {source.name for stage in recipe.stages for source in recipe.data_for(stage).sources}
+    if unknown := sorted(set(state["data"]) - sources):
+        raise ResumeError(f"{path}: holds the data position of sources {unknown}, which the recipe "
+                          f"{recipe.name!r} does not have (its sources: {sorted(sources)}): {restart}")
+    return state
 
 
 def _sha256(path: Path) -> str:

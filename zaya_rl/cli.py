@@ -64,10 +64,15 @@ def main(argv: list[str] | None = None) -> int:
         print("zaya-rl: --resume takes the position from the checkpoint; drop --stage/--from", file=sys.stderr)
         return 2
 
+    from zaya_rl.checkpoint import ResumeError
     from zaya_rl.controller import Controller
 
-    controller = Controller(recipe, args.run_dir, resume=args.resume, start_stage=args.stage,
-                            init_from=args.init_from)
+    try:
+        controller = Controller(recipe, args.run_dir, resume=args.resume, start_stage=args.stage,
+                                init_from=args.init_from)
+    except ResumeError as err:
+        print(f"zaya-rl: cannot resume: {err}", file=sys.stderr)
+        return 2
     try:
         summary = controller.run()
     finally:

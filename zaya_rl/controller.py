@@ -106,7 +106,10 @@ class Controller:
         self.recipe = recipe
         self.run_dir = Path(run_dir or recipe.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "recipe.resolved.yaml").write_text(dump_recipe(recipe))
+        resumed = checkpoint.latest(self.run_dir) if resume else None
+        if resumed is not None:  # before anything starts or is written: a refused resume changes nothing
+            checkpoint.resumable_state(resumed, recipe)
+        (self.run_dir / checkpoint.RECIPE).write_text(dump_recipe(recipe))
         init_ray()
         self.position = Position()
         self.summary: dict = {"recipe": recipe.name, "seed": recipe.seed, "stages": {}, "recoveries": []}
@@ -123,7 +126,6 @@ class Controller:
         self.curriculum_state: dict | None = None
         self.recent_rollouts: deque[tuple[Task, list[Completion]]] = deque(maxlen=256)
         self.rng = random.Random(recipe.seed)
-        resumed = checkpoint.latest(self.run_dir) if resume else None
         if resumed is None:
             if resume:
                 print(f"zaya-rl: no complete checkpoint under {checkpoint.checkpoint_dir(self.run_dir)}; starting anew")
@@ -196,6 +198,7 @@ class Controller:
             self.learners.save(str(tmp / "model"))
             self.learners.save_state(str(tmp / "optimizer"))
             (tmp / "state.json").write_text(json.dumps(state, indent=1))
+            (tmp / checkpoint.RECIPE).write_text(dump_recipe(self.recipe))
 
         return checkpoint.write(self.run_dir, self.position.global_step, fill, self.recipe.checkpoint.keep_last)
 
@@ -204,7 +207,7 @@ class Controller:
 
     def _restore(self, path: Path) -> Path:
         """Load the controller's state from a checkpoint; returns its model directory."""
-        state = json.loads((path / "state.json").read_text())
+        state = checkpoint.resumable_state(path, self.recipe)
         self.position = Position(**state["position"])
         for name, source_state in state["data"].items():
             self.sources[name].restore(source_state)

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import pytest
 import torch
 
 from zaya_rl import checkpoint
+from zaya_rl.recipe import dump_recipe, load_recipe
+
+TINY = Path(__file__).resolve().parents[2] / "recipes/tiny.yaml"
 
 
 def fill_with(payload: bytes):
@@ -96,3 +101,65 @@ def test_the_kl_reference_is_saved_with_the_state_and_restored(tiny_checkpoint, 
     assert not any(p.requires_grad for p in resumed.reference.parameters())
     resumed.load_state(str(tmp_path / "before_rl"))
     assert resumed.reference is None
+
+
+def run_checkpoint(tmp_path, position: dict, data: dict, recipe_text: str | None, drop: str | None = None) -> Path:
+    """A checkpoint as the controller writes one, of a run at `position`."""
+    state = {"position": position, "data": data, "curriculum": None, "summary": {}, "metrics_records": 0,
+             "random": {}}
+    state.pop(drop, None)
+
+    def fill(tmp):
+        (tmp / "state.json").write_text(json.dumps(state))
+        if recipe_text is not None:
+            (tmp / checkpoint.RECIPE).write_text(recipe_text)
+    return checkpoint.write(tmp_path, 7, fill, keep_last=1)
+
+
+def test_a_checkpoint_resumes_with_other_settings_and_later_stages(tmp_path):
+    recipe = load_recipe(TINY)
+    written = run_checkpoint(tmp_path, {"stage_index": 1, "step": 5}, {"chain_sum": {}}, dump_recipe(recipe))
+    assert checkpoint.resumable_state(written, load_recipe(TINY, ["stages.rl.lr=3e-5"]))["position"]["step"] == 5
+    after_warmup = run_checkpoint(tmp_path, {"stage_index": 1, "step": 0}, {"chain_sum": {}}, dump_recipe(recipe))
+    assert checkpoint.resumable_state(after_warmup, load_recipe(TINY, ["stages.rl.name=grpo"]))
+
+
+@pytest.mark.parametrize("position, overrides, drop, message", [
+    ({"stage_index": 1, "step": 5}, ["stages.rl.name=grpo"], None,
+     "written after stages ['warmup', 'rl'] of ['warmup', 'rl']; the recipe 'tiny' has stages ['warmup', 'grpo']"),
+    ({"stage_index": 1, "step": 0}, ["stages.warmup.name=sft"], None, "written after stages ['warmup']"),
+    ({"stage_index": 0, "step": 3}, [], "metrics_records", "state.json lacks ['metrics_records'] (an older zaya-rl"),
+    ({"stage_index": 0, "step": 3}, ["data={sources: [{kind: gym, name: sums, generator: chain_sum}]}"], None,
+     "holds the data position of sources ['chain_sum'], which the recipe 'tiny' does not have (its sources: ['sums'])"),
+])
+def test_a_checkpoint_the_recipe_cannot_continue_is_refused_by_name(tmp_path, position, overrides, drop, message):
+    written = run_checkpoint(tmp_path, position, {"chain_sum": {}}, dump_recipe(load_recipe(TINY)), drop)
+    with pytest.raises(checkpoint.ResumeError) as err:
+        checkpoint.resumable_state(written, load_recipe(TINY, overrides))
+    assert str(err.value).startswith(f"{written}: ") and message in str(err.value), str(err.value)
+    assert f"--stage NAME --from {written / 'model'}" in str(err.value)
+
+
+def test_a_checkpoint_without_its_recipe_resumes_while_the_recipe_has_its_stage(tmp_path):
+    inside = run_checkpoint(tmp_path, {"stage_index": 1, "step": 2}, {"chain_sum": {}}, None)
+    assert checkpoint.resumable_state(inside, load_recipe(TINY))
+    beyond = run_checkpoint(tmp_path, {"stage_index": 2, "step": 2}, {"chain_sum": {}}, None)
+    with pytest.raises(checkpoint.ResumeError, match="written after 3 stages, but the recipe 'tiny' has 2"):
+        checkpoint.resumable_state(beyond, load_recipe(TINY))
+
+
+def test_cli_refuses_a_resume_before_anything_starts_or_is_written(tmp_path):
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    written = run_checkpoint(run_dir, {"stage_index": 1, "step": 5}, {"chain_sum": {}},
+                             dump_recipe(load_recipe(TINY)))
+    (run_dir / "metrics.jsonl").write_text('{"stage": "rl", "step": 4}\n')
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    proc = subprocess.run([sys.executable, "-m", "zaya_rl.cli", "run", str(TINY), "--run-dir", str(run_dir),
+                           "--resume", "--set", "stages.rl.name=grpo"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"zaya-rl: cannot resume: {written}: written after stages ['warmup', 'rl']" in proc.stderr
+    assert "Ray dashboard" not in proc.stdout + proc.stderr
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
