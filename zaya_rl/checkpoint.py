@@ -2,8 +2,8 @@
 
 A checkpoint is a directory `run_dir/checkpoints/step-<global step>` holding whatever the
 controller puts in it (the model in HF format, the optimizer state, `state.json` with the
-curriculum, data position, random states and step counters, the resolved recipe) plus `MANIFEST.json`, written
-last, with every file's size and SHA-256. It is built under a temporary name, flushed and
+curriculum, data position, random states and step counters, the resolved recipe) plus
+`MANIFEST.json`, written last, with every file's size and SHA-256. It is built under a temporary name, flushed and
 renamed, so a crash leaves either a whole checkpoint or a temporary directory that is never
 read. `latest` walks the checkpoints newest first and skips (and reports) any whose files
 do not match its manifest: a truncated or corrupt checkpoint is never resumed from.
