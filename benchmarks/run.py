@@ -70,11 +70,9 @@ def headline_rows(results: dict[str, dict]) -> list[list]:
         rows.append([f"weight sync MB/s, {top['parameters'] / 1e6:.0f}M params, vs plain copy",
                      top["sync_bytes_per_second"] / 1e6, top["copy_bytes_per_second"] / 1e6,
                      top["sync_bytes_per_second"] / top["copy_bytes_per_second"], "-"])
-        if "sync_torch_tensors_bytes_per_second" in top:
-            rows.append([f"weight sync MB/s, {top['parameters'] / 1e6:.0f}M params, numpy vs torch tensors in the "
-                         "object store", top["sync_bytes_per_second"] / 1e6,
-                         top["sync_torch_tensors_bytes_per_second"] / 1e6,
-                         top["sync_bytes_per_second"] / top["sync_torch_tensors_bytes_per_second"], "> 1"])
+        rows.append([f"weight sync MB/s, {top['parameters'] / 1e6:.0f}M params, numpy vs torch tensors in the "
+                     "object store", top["sync_bytes_per_second"] / 1e6, top["sync_torch_tensors_bytes_per_second"] / 1e6,
+                     top["sync_bytes_per_second"] / top["sync_torch_tensors_bytes_per_second"], "> 1"])
     if r := results.get("verifiers"):
         pools = [k for k in r["rows"] if k.startswith("VerifierPool")]
         plain = r["rows"]["math_verify.verify, one plain process"]["math"]["items_per_second"]
@@ -113,8 +111,7 @@ def plot_all(results: dict[str, dict], plots: Path, default_run: Path | None) ->
                   "the same, as torch tensors": "sync_torch_tensors_bytes_per_second",
                   "plain copy": "copy_bytes_per_second"}
         made.append(bar_chart(plots / "weight_sync.png", "Weight sync vs plain in-memory copy (MB/s, log scale)", labels,
-                              {label: [x[key] / 1e6 for x in r["rows"].values()] for label, key in series.items()
-                               if all(key in x for x in r["rows"].values())},  # JSON from before the torch column
+                              {label: [x[key] / 1e6 for x in r["rows"].values()] for label, key in series.items()},
                               "MB/s", log=True))
     if r := results.get("verifiers"):
         made.append(bar_chart(plots / "verifiers.png", "Math verifications/s", [k.replace(", ", "\n") for k in r["rows"]],

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -149,9 +151,6 @@ def test_a_checkpoint_without_its_recipe_resumes_while_the_recipe_has_its_stage(
 
 
 def test_cli_refuses_a_resume_before_anything_starts_or_is_written(tmp_path):
-    import subprocess
-    import sys
-
     run_dir = tmp_path / "run"
     written = run_checkpoint(run_dir, {"stage_index": 1, "step": 5}, {"chain_sum": {}},
                              dump_recipe(load_recipe(TINY)))
