@@ -30,6 +30,11 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        import torch
+
+        # Without a GPU, 4 are declared with no device behind them: Ray schedules placement groups
+        # onto them (placement tests); actors that ask for none see no device, as everywhere else.
+        gpus = None if torch.cuda.is_available() else 4
+        ray.init(num_cpus=2, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -43,8 +43,8 @@ class Verifier:
         return True
 
 
-# num_cpus=0: the actor mostly waits on its child; max_task_retries=0: the pool decides
-# about retries, so a chunk that kills its actor is not replayed forever.
+# max_task_retries=0: the pool decides about retries, so a chunk that kills its actor is not
+# replayed forever. The pool sets each actor's num_cpus.
 VerifierActor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)(Verifier)
 
 
@@ -58,12 +58,15 @@ class VerifierPool:
         timeout_s: float = 5.0,
         name_prefix: str = "verifier",
         code_limits: Limits = Limits(wall_s=5.0, cpu_s=5),
+        num_cpus: float = 0.0,
     ) -> None:
+        """`num_cpus`: what Ray reserves for each actor (a run's recipe: resources.verifier_cpus)."""
         if num_actors < 1:
             raise ValueError(f"num_actors must be >= 1, got {num_actors}")
         self.timeout_s = timeout_s
         self.code_limits = code_limits
-        self.actors = [VerifierActor.options(name=f"{name_prefix}-{i}").remote() for i in range(num_actors)]
+        self.actors = [VerifierActor.options(name=f"{name_prefix}-{i}", num_cpus=num_cpus).remote()
+                       for i in range(num_actors)]
         self.num_verified = 0
         self.num_timeouts = 0
         self.num_failures = 0

@@ -273,6 +273,10 @@ class AlgorithmConfig(StrictModel):
                                 "computing only the gate weights itself; needs rollout_engine 'vllm'")
     router_aux_loss_coef: float = Field(0.0, ge=0.0, description="weight of the model's load-balancing loss "
                                         "in the RL loss (Qwen3-MoE's own: 0.001); 0 only reports it")
+    max_logprob_drift: float | None = Field(
+        0.25, gt=0.0, description="stop the run when the engine's and the learner's log-probs of the sampled "
+        "tokens differ by more than this per token on average (a failed weight sync, mismatched dtypes or "
+        "kernels); fp32 on CPU agrees to about 1e-5, bf16 on GPU to about 1e-2; null never stops")
 
     @model_validator(mode="after")
     def _check(self) -> AlgorithmConfig:
@@ -381,11 +385,65 @@ Stage = Annotated[SftStage | RlStage, Field(discriminator="kind")]
 
 
 class ResourcesConfig(StrictModel):
+    """How many workers of each role, and where they run (zaya_rl/placement.py). With no GPUs
+    every worker runs on the CPU; with GPUs, Ray placement groups reserve them before a run starts."""
+
     num_rollout_workers: int = Field(1, ge=1)
     num_learner_workers: int = Field(1, ge=1)
     num_verifiers: int = Field(2, ge=1)
     rollout_engine: Literal["vllm", "hf"] = "vllm"
     torch_threads: int = Field(2, ge=1, description="intra-op threads of each worker process")
+    rollout_gpus: float = Field(0, ge=0, description="GPUs of each rollout engine: 0 runs it on the CPU; a "
+                                "whole number equal to tensor_parallel_size; in split placement a fraction "
+                                "below 1 shares a card with other workers")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one vLLM engine shards its model over")
+    learner_gpus: float = Field(0, ge=0, description="GPUs of each learner rank: 0 (CPU) or 1; in split "
+                                "placement a fraction below 1 shares a card")
+    placement: Literal["colocated", "split"] = Field(
+        "colocated", description="with GPUs: colocated puts engine i on the cards of learner ranks "
+        "i*tp..(i+1)*tp-1, and the engine sleeps (frees weights and KV cache) while the learner trains; "
+        "split gives engines and learners their own GPUs")
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=0.95, description="share of a card's memory a "
+                                          "vLLM engine takes for weights, activations and KV cache")
+    verifier_cpus: float = Field(0.5, gt=0, description="CPUs Ray reserves for each verifier actor")
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.rollout_gpus > 0 or self.learner_gpus > 0
+
+    @model_validator(mode="after")
+    def _check(self) -> ResourcesConfig:
+        if not self.on_gpu:
+            if self.tensor_parallel_size > 1:
+                raise _at("tensor_parallel_size", "tensor_parallel_size > 1 needs rollout_gpus")
+            return self
+        if (self.rollout_gpus > 0) != (self.learner_gpus > 0):
+            raise _at("rollout_gpus", "give rollout_gpus and learner_gpus both or neither: a run is on GPUs "
+                      "or on the CPU")
+        if self.rollout_engine != "vllm":
+            raise _at("rollout_engine", "engines on GPUs are vllm")
+        for name in ("rollout_gpus", "learner_gpus"):
+            value = getattr(self, name)
+            if value > 1 and value != int(value):
+                raise _at(name, f"{name} above 1 must be a whole number, got {value}")
+        if self.learner_gpus > 1:
+            raise _at("learner_gpus", "a learner rank runs on one GPU: add ranks (num_learner_workers) instead")
+        if self.tensor_parallel_size > max(self.rollout_gpus, 1):
+            raise _at("tensor_parallel_size", f"tensor_parallel_size {self.tensor_parallel_size} is wider than "
+                      f"an engine's rollout_gpus {self.rollout_gpus:g}")
+        if self.rollout_gpus > 1 and self.rollout_gpus != self.tensor_parallel_size:
+            raise _at("rollout_gpus", f"an engine of {self.rollout_gpus:g} GPUs shards over all of them: set "
+                      f"tensor_parallel_size to {int(self.rollout_gpus)}")
+        if self.placement == "colocated":
+            if self.learner_gpus != 1 or self.rollout_gpus != 1:
+                raise _at("placement", "colocated placement shares whole cards, one engine with one learner rank "
+                          "(learner_gpus 1, rollout_gpus 1); use placement split for tensor-parallel engines "
+                          "or fractions of a card")
+            if self.num_rollout_workers != self.num_learner_workers:
+                raise _at("num_rollout_workers", f"colocated placement pairs each engine with a learner rank: "
+                          f"num_rollout_workers ({self.num_rollout_workers}) must equal num_learner_workers "
+                          f"({self.num_learner_workers})")
+        return self
 
 
 class DeepSpeedConfig(StrictModel):
@@ -536,6 +594,11 @@ class Recipe(StrictModel):
         if self.resources.rollout_engine != "vllm" and any(
                 isinstance(s, RlStage) and s.algorithm.router_replay for s in self.stages):
             raise ValueError("algorithm.router_replay needs resources.rollout_engine 'vllm'")
+        for i, stage in enumerate(self.stages):
+            if self.resources.on_gpu and isinstance(stage, RlStage) and stage.algorithm.router_replay:
+                # The routing is captured by a Python hook in each router, which CUDA graphs replay without.
+                raise _at(f"stages.{i}.algorithm.router_replay", "algorithm.router_replay runs with CPU engines "
+                          "only (resources.rollout_gpus 0)")
         for loc, cfg in [("eval", self.eval)] + [(f"stages.{i}.eval", s.eval) for i, s in enumerate(self.stages)]:
             if max(cfg.levels) > self.tasks.max_level:
                 raise _at(f"{loc}.levels", f"{loc}.levels has a level above tasks.max_level")
