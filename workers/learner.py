@@ -21,6 +21,7 @@ import os
 import shutil
 import socket
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ import ray
 import torch
 
 from zaya_rl.models import weights_as_tensors, weights_for_transport
+from zaya_rl.placement import Slot, actor_options
 from zaya_rl.recipe import AlgorithmConfig, DeepSpeedConfig
 from zaya_rl.router_replay import replay_routing, routing_mismatch
 
@@ -150,7 +152,8 @@ def prepare_policy(model):
     """Sets a transformers model up exactly as the learner runs it (the KL reference too)."""
     # transformers also offers "batched_mm" (about 50x slower on CPU) and "eager"; grouped
     # GEMMs over tokens sorted by expert are as fast as eager on CPU and the fast path on GPU.
-    model.set_experts_implementation("grouped_mm")
+    if getattr(model.config, "num_experts", None):
+        model.set_experts_implementation("grouped_mm")
     model.eval()  # no dropout: learner and engine log-probs must agree token for token
     return model
 
@@ -159,8 +162,9 @@ PORT_ATTEMPTS = 3  # learner groups started, each on a fresh rendezvous port, be
 
 
 def free_port() -> int:
+    """A port no process of this machine listens on, on any of its addresses."""
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind(("", 0))
         return sock.getsockname()[1]
 
 
@@ -238,7 +242,7 @@ class Learner:
             enable_activation_checkpointing(model)
         if ds.compile:
             compile_decoder_layers(model)
-        if ds.zero_stage == 3:
+        if ds.zero_stage == 3 and getattr(model.config, "num_experts", None):
             mark_moe_leaf_modules(model)
         # fused: one kernel for all parameters instead of a few per tensor (CUDA only here).
         optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=ds.weight_decay,
@@ -256,8 +260,9 @@ class Learner:
         self.device = self.engine.device
         config = self.engine.module.config
         self.pad_id = config.pad_token_id if config.pad_token_id is not None else 0
-        self.top_k = config.num_experts_per_tok
-        self.num_experts = config.num_experts
+        # None for a dense model: no router logits, expert load or load-balancing loss then.
+        self.top_k = getattr(config, "num_experts_per_tok", None)
+        self.num_experts = getattr(config, "num_experts", None)
         self.reference = None  # frozen policy for the KL term, made by the first rl_step using it
 
     # --- updates --------------------------------------------------------------------------
@@ -274,19 +279,18 @@ class Learner:
         for index, t in enumerate(buckets):
             # use_cache=False everywhere: a training forward needs no KV cache, and filling one costs
             # memory and makes torch.compile build one graph per layer (benchmarks/learner_gpu.py).
-            out = self.engine(input_ids=t.input_ids, attention_mask=t.attention_mask,
-                              output_router_logits=True, use_cache=False)
+            out = self._forward(t)
             loss = sft_loss(completion_logprobs(out.logits, t), t.mask) * share * float(t.mask.sum()) / tokens
             self._backward(loss, last=index == len(buckets) - 1)
             loss_sum += float(loss.detach())
-            routed = routed + self._routed_counts(out.router_logits, t.attention_mask)
+            routed = routed + self._routed_counts(out, t.attention_mask)
             routed_tokens += float(t.attention_mask.sum())
         return {"loss": loss_sum, "tokens": int(tokens), "grad_norm": self._step(lr),
                 "expert_load": (routed / routed_tokens).tolist()}
 
     def rl_step(self, batch: list[Sequence], lr: float, algorithm: AlgorithmConfig,
                 minibatches: int = 1, temperature: float = 1.0) -> dict:
-        """One optimizer step per minibatch of the algorithm's policy loss (METHODS.md §5),
+        """One optimizer step per minibatch of the algorithm's policy loss (docs/methods.md),
         each minibatch in `length_buckets` passes whose losses add up to the minibatch's.
 
         The old policy is the engine's (`Sequence.old_logprobs`, μ), except with `tis_cap` set
@@ -319,7 +323,7 @@ class Learner:
         loss_fn = POLICY_LOSSES[algorithm.loss]
         by_tokens = algorithm.loss_aggregation == "token_mean"
         stats: dict[str, list[float]] = {"loss": [], "clip_fraction": [], "grad_norm": [], "router_aux_loss": []}
-        routed = torch.zeros(self.engine.module.config.num_hidden_layers, self.num_experts)
+        routed = self._routed_counts(None, None)
         routed_tokens, drift, drift_tokens, mismatch = 0.0, 0.0, 0.0, 0.0
         for part, buckets in enumerate(parts):
             tokens = sum(float(t.mask.sum()) for t in buckets)
@@ -330,8 +334,7 @@ class Learner:
                 # This bucket's part of the minibatch's mean: its tokens' or its sequences'.
                 weight = float(t.mask.sum()) / tokens if by_tokens else len(t.advantages) / sequences
                 with replay_routing(self.engine.module, t.routed_experts):  # backward too: recomputation
-                    out = self.engine(input_ids=t.input_ids, attention_mask=t.attention_mask,
-                                      output_router_logits=True, use_cache=False)
+                    out = self._forward(t)
                     logprobs = completion_logprobs(out.logits, t, temperature)
                     if part == 0:  # before any update: how far the engine is from the learner
                         drift += float(((logprobs.detach() - t.engine_logprobs).abs() * t.mask).sum())
@@ -351,13 +354,13 @@ class Learner:
                         loss = loss + algorithm.kl_coef * kl
                         totals["kl"] += float(kl.detach()) * weight
                     loss = loss * weight * share
-                    if algorithm.router_aux_loss_coef > 0:  # each rank's own balance; DeepSpeed averages ranks
+                    if algorithm.router_aux_loss_coef > 0 and self.num_experts:  # each rank's own balance; DeepSpeed averages ranks
                         loss = loss + algorithm.router_aux_loss_coef * out.aux_loss * weight
                     self._backward(loss, last=index == len(buckets) - 1)
                 totals["loss"] += float(loss.detach())
                 totals["clip_fraction"] += info["clip_fraction"] * float(t.mask.sum()) / tokens
-                totals["router_aux_loss"] += float(out.aux_loss.detach()) * weight
-                routed = routed + self._routed_counts(out.router_logits, t.attention_mask)
+                totals["router_aux_loss"] += float(out.aux_loss.detach()) * weight if self.num_experts else 0.0
+                routed = routed + self._routed_counts(out, t.attention_mask)
                 routed_tokens += float(t.attention_mask.sum())
             stats["grad_norm"].append(self._step(lr))
             for key, value in totals.items():
@@ -365,6 +368,7 @@ class Learner:
         return {
             **{key: _mean(values) for key, values in stats.items()},
             "tokens": int(sum(len(s.completion_ids) for s in batch)),
+            "prompt_tokens": int(sum(len(s.prompt_ids) for s in batch)), "sequences": len(batch),
             "mean_abs_logprob_diff": drift / drift_tokens,
             **({"routing_mismatch": mismatch / drift_tokens} if batch[0].routed_experts is not None else {}),
             "expert_load": (routed / routed_tokens).tolist(),
@@ -386,6 +390,59 @@ class Learner:
         and ranks other than 0 get {}.
         """
         return self._full_state_dict(wanted=self.zero_stage != 3 or self.rank == 0)
+
+    def named_weights(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every parameter on this rank's device in `dtype`, one at a time, under the transformers
+        module's names (what vLLM's load_weights reads). Under ZeRO-3 each is gathered, a
+        collective: every rank iterates in step."""
+        import deepspeed
+
+        for name, param in self.engine.module.named_parameters():
+            with deepspeed.zero.GatheredParameters([param], enabled=self.zero_stage == 3):
+                # A consumer may hold the tensor past this iteration (vLLM packs several into one
+                # buffer): ZeRO-3 frees a gathered parameter's storage when the gather ends.
+                yield name, param.detach().to(dtype, copy=self.zero_stage == 3)
+
+    def weight_metadata(self, dtype: torch.dtype) -> dict:
+        """Names, dtypes and shapes of `named_weights`, in its order: what an engine needs to
+        receive a broadcast (NCCL) it cannot see the tensors of."""
+        module = self.engine.module
+        shapes = [list(p.ds_shape if self.zero_stage == 3 else p.shape) for p in module.parameters()]
+        names = [name for name, _ in module.named_parameters()]
+        return {"names": names, "dtype_names": [str(dtype).removeprefix("torch.")] * len(names), "shapes": shapes}
+
+    def send_weights_ipc(self, engines: list, dtype: torch.dtype) -> None:
+        """CUDA IPC to engines on this rank's cards (colocated, or split on a shared card): the
+        weights are packed into GPU buffers whose handles the engines open and load from, with
+        no trip through host memory; every rank calls (handles are gathered to rank 0, which
+        calls the engines). Then the allocator's cache goes back to the card, so a colocated
+        engine can wake its KV cache."""
+        from vllm.distributed.weight_transfer.ipc_engine import IPCWeightTransferEngine
+
+        IPCWeightTransferEngine.trainer_send_weights(
+            self.named_weights(dtype), {"send_mode": "ray", "llm_handle": engines, "packed": True})
+        torch.cuda.empty_cache()
+
+    def init_weight_broadcast(self, master_address: str, master_port: int, world_size: int) -> None:
+        """Rank 0 opens the NCCL group it broadcasts weights in, with the engines' workers as
+        ranks 1..world_size-1; it returns once all of them joined."""
+        from vllm.distributed.weight_transfer.nccl_common import trainer_init
+
+        if self.rank == 0:
+            self.weight_group = trainer_init({"master_address": master_address, "master_port": master_port,
+                                              "world_size": world_size})
+
+    def send_weights_nccl(self, dtype: torch.dtype) -> None:
+        """Rank 0 broadcasts the weights, packed into buffers, to the engines' workers (split
+        placement); other ranks only take part in ZeRO-3's gathers."""
+        from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine
+
+        weights = self.named_weights(dtype)
+        if self.rank == 0:
+            NCCLWeightTransferEngine.trainer_send_weights(weights, {"group": self.weight_group, "packed": True})
+        else:
+            for _ in weights:
+                pass
 
     def save(self, path: str) -> None:
         """Rank 0 writes an HF checkpoint directory (weights, config, tokenizer) atomically."""
@@ -501,11 +558,21 @@ class Learner:
         torch.distributed.all_reduce(total)
         return tokens * self.world_size / float(total)
 
-    def _routed_counts(self, router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor):
-        """(layers, experts) counts of non-pad tokens that picked each expert in their top-k."""
+    def _forward(self, t: _Tensors):
+        """The training forward pass; an MoE's also returns its routers' logits and aux loss."""
+        moe = {"output_router_logits": True} if self.num_experts else {}
+        return self.engine(input_ids=t.input_ids, attention_mask=t.attention_mask, use_cache=False, **moe)
+
+    def _routed_counts(self, out, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """(MoE layers, experts) counts of non-pad tokens that picked each expert in their top-k;
+        zeros without a forward pass `out`; (0, 0) for a dense model."""
+        if not self.num_experts:
+            return torch.zeros(0, 0)
+        if out is None:
+            return torch.zeros(self.engine.module.config.num_hidden_layers, self.num_experts)
         weight = attention_mask.reshape(-1).float().repeat_interleave(self.top_k)
         counts = []
-        for layer in router_logits:
+        for layer in out.router_logits:
             chosen = layer.detach().topk(self.top_k, dim=-1).indices.reshape(-1)
             counts.append(torch.zeros(self.num_experts, device=layer.device).scatter_add_(0, chosen, weight))
         return torch.stack(counts).cpu()
@@ -527,11 +594,20 @@ def _mean(values: list[float]) -> float:
 
 @ray.remote(num_cpus=0)
 class LearnerWorker:
-    def __init__(self, **learner_kwargs):
-        self.learner = Learner(**learner_kwargs)
+    """Ray shell of one rank. Placed first and set up second: the group needs rank 0's address
+    for the rendezvous, and a colocated engine measures its card's free memory before the
+    learner fills it."""
 
-    def node_ip(self) -> str:
-        return ray.util.get_node_ip_address()
+    def device(self) -> str:
+        """The UUID of the GPU Ray gave this actor, or "cpu"."""
+        return str(torch.cuda.get_device_properties(0).uuid) if torch.cuda.is_available() else "cpu"
+
+    def address(self) -> tuple[str, int]:
+        """This node's address and a port free on it: where the other ranks (and engines) meet this one."""
+        return ray.util.get_node_ip_address(), free_port()
+
+    def setup(self, **learner_kwargs) -> None:
+        self.learner = Learner(**learner_kwargs)
 
     def sft_step(self, batch: list[Sequence], lr: float) -> dict:
         return self.learner.sft_step(batch, lr)
@@ -546,6 +622,18 @@ class LearnerWorker:
     def state_dict(self) -> dict[str, np.ndarray]:
         return weights_for_transport(self.learner.state_dict())
 
+    def weight_metadata(self, dtype: torch.dtype) -> dict:
+        return self.learner.weight_metadata(dtype)
+
+    def send_weights_ipc(self, engines: list, dtype: torch.dtype) -> None:
+        self.learner.send_weights_ipc(engines, dtype)
+
+    def init_weight_broadcast(self, master_address: str, master_port: int, world_size: int) -> None:
+        self.learner.init_weight_broadcast(master_address, master_port, world_size)
+
+    def send_weights_nccl(self, dtype: torch.dtype) -> None:
+        self.learner.send_weights_nccl(dtype)
+
     def save(self, path: str) -> None:
         self.learner.save(path)
 
@@ -557,33 +645,52 @@ class LearnerWorker:
 
 
 class LearnerGroup:
-    """`num_workers` data-parallel ranks on this node; each step splits the batch evenly."""
+    """`num_workers` data-parallel ranks; each step splits the batch evenly. With a placement
+    group each rank takes its `slots` entry (GPU share and bundle); the ranks meet at rank 0's
+    node address. `start=False` places the ranks (their `devices` are known) and leaves
+    `start()` for later."""
 
     def __init__(self, num_workers: int, model_path: str, ds: DeepSpeedConfig, torch_threads: int = 1,
-                 seed: int = 0, name: str = "learner"):
+                 seed: int = 0, name: str = "learner", group=None, slots: list[Slot] | None = None,
+                 start: bool = True):
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         self.num_workers = num_workers
         self.zero_stage = ds.zero_stage
+        self.name, self.group = name, group
+        self.slots = slots or [Slot(None, 0.0)] * num_workers
+        self.settings = dict(model_path=str(model_path), ds=ds, torch_threads=torch_threads, seed=seed)
+        self._place()
+        if start:
+            self.start()
+
+    def _place(self) -> None:
+        self.workers = [LearnerWorker.options(name=f"{self.name}-{rank}", **actor_options(slot, self.group)).remote()
+                        for rank, slot in enumerate(self.slots)]
+        self.devices: list[str] = ray.get([w.device.remote() for w in self.workers])
+
+    def start(self) -> None:
+        """Build every rank's DeepSpeed engine; they rendezvous at rank 0's node."""
         for attempt in range(1, PORT_ATTEMPTS + 1):
             # Between free_port() and rank 0 listening on it, another process (Ray's own, an
             # outgoing connection) may take the port: rank 0 then fails with EADDRINUSE.
-            port = free_port()
-            # Created together: each rank's init_distributed waits until all ranks have joined.
-            self.workers = [
-                LearnerWorker.options(name=f"{name}-{rank}").remote(
-                    model_path=str(model_path), ds=ds, rank=rank, world_size=num_workers,
-                    master_addr="127.0.0.1", master_port=port, torch_threads=torch_threads, seed=seed)
-                for rank in range(num_workers)
-            ]
+            address, port = self._rendezvous()
+            # Called together: each rank's init_distributed waits until all ranks have joined.
+            setups = [w.setup.remote(rank=rank, world_size=self.num_workers, master_addr=address,
+                                     master_port=port, **self.settings) for rank, w in enumerate(self.workers)]
             try:
-                ray.get([w.node_ip.remote() for w in self.workers])  # surfaces any init failure here
+                ray.get(setups[0])  # first: the other ranks wait for rank 0, which may have failed
+                ray.get(setups[1:])
                 return
-            except ray.exceptions.RayActorError as err:
-                for worker in self.workers:
-                    ray.kill(worker)
+            except ray.exceptions.RayTaskError as err:
+                self.shutdown()
                 if "EADDRINUSE" not in str(err) or attempt == PORT_ATTEMPTS:
                     raise
+                self._place()  # a process that joined a failed rendezvous cannot join another
+
+    def _rendezvous(self) -> tuple[str, int]:
+        """Rank 0's node address and a port free there."""
+        return ray.get(self.workers[0].address.remote())
 
     def sft_step(self, batch: list[Sequence], lr: float) -> dict:
         shards = self._shards(batch)
@@ -605,6 +712,14 @@ class LearnerGroup:
         """Rank 0's weights (numpy arrays) as an object ref: rollout workers fetch them from the
         object store."""
         return self._rank0_calls("state_dict")[0]
+
+    def send_weights_ipc(self, engines: list, dtype: torch.dtype) -> None:
+        """CUDA IPC handles of every rank's weights to the engines on their cards (all ranks take part)."""
+        ray.get([w.send_weights_ipc.remote(engines, dtype) for w in self.workers])
+
+    def send_weights_nccl(self, dtype: torch.dtype) -> None:
+        """Rank 0's broadcast to the engines' workers, which must be receiving (the others gather under ZeRO-3)."""
+        ray.get([w.send_weights_nccl.remote(dtype) for w in self.workers])
 
     def save(self, path: str) -> None:
         ray.get(self._rank0_calls("save", str(path)))
@@ -644,7 +759,9 @@ def _merge(stats: list[dict]) -> dict:
                 "routing_mismatch"):
         if key in out:
             out[key] = _mean([s[key] for s in stats])
-    out["tokens"] = sum(s["tokens"] for s in stats)
+    for key in ("tokens", "prompt_tokens", "sequences"):
+        if key in out:
+            out[key] = sum(s[key] for s in stats)
     if "expert_load" in out:
         out["expert_load"] = torch.tensor([s["expert_load"] for s in stats]).mean(0).tolist()
     return out

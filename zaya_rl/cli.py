@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from zaya_rl.checkpoint import ResumeError
-    from zaya_rl.controller import Controller
+    from zaya_rl.controller import Controller, LogprobDriftError
+    from zaya_rl.placement import PlacementError
 
     try:
         controller = Controller(recipe, args.run_dir, resume=args.resume, start_stage=args.stage,
@@ -73,8 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     except ResumeError as err:
         print(f"zaya-rl: cannot resume: {err}", file=sys.stderr)
         return 2
+    except PlacementError as err:
+        print(f"zaya-rl: the cluster cannot hold this recipe's resources: {err}", file=sys.stderr)
+        return 2
     try:
         summary = controller.run()
+    except LogprobDriftError as err:
+        print(f"zaya-rl: stopped: {err}; the run's checkpoints are kept", file=sys.stderr)
+        return 1
     finally:
         controller.shutdown()
     print_summary(summary)

@@ -19,12 +19,12 @@ import ray
 import torch
 
 from workers.learner import LearnerGroup, Sequence
-from workers.rollout import Completion, RolloutWorker
+from workers.rollout import Completion, GpuOptions, RolloutWorker
 from workers.verifier import VerifierPool
-from zaya_rl import algorithms, checkpoint, rsa
+from zaya_rl import algorithms, checkpoint, placement, rsa
 from zaya_rl.curriculum import AdaptiveCurriculum
 from zaya_rl.metrics import MetricsSink
-from zaya_rl.models import build_checkpoint, context_length, load_tokenizer
+from zaya_rl.models import build_checkpoint, chat_prompt, context_length, load_tokenizer
 from zaya_rl.recipe import CurriculumConfig, EvalConfig, Recipe, RlStage, SftStage, StageBase, dump_recipe
 from zaya_rl.tasks import Task, TaskStream, build_source, held_out
 
@@ -111,6 +111,9 @@ class Controller:
             checkpoint.resumable_state(resumed, recipe)
         (self.run_dir / checkpoint.RECIPE).write_text(dump_recipe(recipe))
         init_ray()
+        # Before anything else starts: a placement the cluster cannot hold is refused here.
+        self.placement_group = placement.reserve(recipe.resources)
+        self.layout = placement.plan(recipe.resources)
         self.position = Position()
         self.summary: dict = {"recipe": recipe.name, "seed": recipe.seed, "stages": {}, "recoveries": []}
         # The held-out set of each distinct eval block (the recipe's, the stages'), by (levels, num_problems).
@@ -162,9 +165,13 @@ class Controller:
         return build_checkpoint(self.recipe.model.tiny, corpus, self.run_dir / "initial", self.recipe.seed)
 
     def _start_workers(self, model_path: Path, resumed: Path | None) -> None:
-        self.rollouts = [self._start_rollout(i, model_path) for i in range(self.recipe.resources.num_rollout_workers)]
-        self._start_learners(model_path, resumed)
-        self.verifiers = VerifierPool(self.recipe.resources.num_verifiers)
+        res = self.recipe.resources
+        self._place_learners(model_path)
+        self.rollouts = [self._start_rollout(i, model_path) for i in range(res.num_rollout_workers)]
+        # Engines first: a colocated vLLM sizes its KV cache from the card's free memory.
+        ray.get([w.version.remote() for w in self.rollouts])
+        self._start_learners(resumed)
+        self.verifiers = VerifierPool(res.num_verifiers, num_cpus=res.verifier_cpus)
         self.weights_version = 0
 
     def _start_rollout(self, index: int, model_path: Path):
@@ -172,17 +179,56 @@ class Controller:
         # Ray sets OMP_NUM_THREADS=1 in its workers; vLLM sizes its CPU thread pool from it.
         threads = {"env_vars": {"OMP_NUM_THREADS": str(res.torch_threads)}}
         replay = any(isinstance(s, RlStage) and s.algorithm.router_replay for s in self.recipe.stages)
-        return RolloutWorker.options(name=f"rollout-{index}", runtime_env=threads).remote(
+        gpu = None if not res.on_gpu else GpuOptions(
+            memory_utilization=res.gpu_memory_utilization, tensor_parallel_size=res.tensor_parallel_size,
+            sleep_mode=res.placement == "colocated", learner_devices=tuple(self.learners.devices))
+        options = placement.actor_options(self.layout.engines[index], self.placement_group)
+        return RolloutWorker.options(name=f"rollout-{index}", runtime_env=threads, **options).remote(
             res.rollout_engine, str(model_path), seed=self.recipe.seed + index,
             max_model_len=context_length(model_path), torch_threads=res.torch_threads,
-            return_routed_experts=replay)
+            return_routed_experts=replay, dtype=self.weight_dtype_name, gpu=gpu)
 
-    def _start_learners(self, model_path: Path, resumed: Path | None) -> None:
+    @property
+    def weight_dtype_name(self) -> str:
+        """The engines' dtype: the learner's on GPUs (bf16 there), fp32 on the CPU."""
+        return "bfloat16" if self.recipe.resources.on_gpu and self.recipe.deepspeed.bf16 else "float32"
+
+    def layout_summary(self) -> dict:
+        res = self.recipe.resources
+        return {"placement": res.placement if res.on_gpu else "cpu", "gpus": self.layout.num_gpus,
+                "learner_devices": self.learners.devices}
+
+    def _place_learners(self, model_path: Path) -> None:
         res = self.recipe.resources
         self.learners = LearnerGroup(res.num_learner_workers, str(model_path), self.recipe.deepspeed,
-                                     torch_threads=res.torch_threads, seed=self.recipe.seed)
+                                     torch_threads=res.torch_threads, seed=self.recipe.seed,
+                                     group=self.placement_group, slots=self.layout.learners, start=False)
+
+    def _start_learners(self, resumed: Path | None) -> None:
+        """Start the placed learners, and join them to the engines for weight sync."""
+        self.learners.start()
         if resumed is not None:
             self.learners.load_state(str(resumed / "optimizer"))
+        transports = set(ray.get([w.weight_transfer.remote() for w in self.rollouts]))
+        if len(transports) > 1:
+            raise placement.PlacementError(f"some engines share cards with learners and others do not "
+                                           f"({sorted(transports)}): place them all alike")
+        self.weight_transfer = transports.pop()
+        if self.weight_transfer == "nccl":
+            self._join_weight_broadcast()
+
+    def _join_weight_broadcast(self) -> None:
+        """One NCCL group: learner rank 0 is rank 0, each engine's tensor-parallel workers follow."""
+        address, port = ray.get(self.learners.workers[0].address.remote())
+        tp = self.recipe.resources.tensor_parallel_size
+        world = 1 + tp * len(self.rollouts)
+        joins = [w.init_weight_broadcast.remote(address, port, 1 + i * tp, world) for i, w in enumerate(self.rollouts)]
+        ray.get([self.learners.workers[0].init_weight_broadcast.remote(address, port, world)] + joins)
+        self.weight_metadata = ray.get(self.learners.workers[0].weight_metadata.remote(self.weight_dtype))
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return getattr(torch, self.weight_dtype_name)
 
     # ---- checkpoints ------------------------------------------------------------------
 
@@ -237,12 +283,14 @@ class Controller:
         else:
             model_path = self._restore(resumed)
         self.summary["recoveries"] = recoveries
-        self._start_learners(model_path, resumed)
+        self._place_learners(model_path)
         for index, worker in enumerate(self.rollouts):
             try:
                 ray.get(worker.version.remote())
             except ray.exceptions.RayActorError:
                 self.rollouts[index] = self._start_rollout(index, model_path)
+        ray.get([w.version.remote() for w in self.rollouts])
+        self._start_learners(resumed)
         self.sync_weights()
         event = {"error": f"{type(error).__name__}: {str(error)[:300]}", "checkpoint": str(resumed),
                  "resumed_at_global_step": self.position.global_step,
@@ -264,6 +312,7 @@ class Controller:
                 if len(self.summary["recoveries"]) >= self.recipe.checkpoint.max_recoveries:
                     raise
                 self._recover(error)
+        self.summary["placement"] = {**self.layout_summary(), "weight_transfer": self.weight_transfer}
         final = self.run_dir / "final"
         self.learners.save(str(final))
         self.summary["final_checkpoint"] = str(final)
@@ -295,16 +344,18 @@ class Controller:
                 elapsed = time.perf_counter() - start
                 if stage.max_seconds and elapsed > stage.max_seconds:
                     break
-                tokens, generate_seconds = times.generated_tokens, times.seconds.get("generate", 0.0)
+                tokens, phases = times.generated_tokens, dict(times.seconds)
                 done = max(pos.step / steps, elapsed / stage.max_seconds if stage.max_seconds else 0.0)
                 lr = lr_at(stage, pos.step, done)
                 if isinstance(stage, SftStage):
                     stats = self.sft_step(stage, lr, curriculum, times)
                 else:
                     stats = self.rl_step(stage, lr, curriculum, times)
-                if times.generated_tokens > tokens:  # the engines' throughput in this step
-                    stats["rollout_tokens_per_second"] = ((times.generated_tokens - tokens)
-                                                          / (times.seconds["generate"] - generate_seconds))
+                # Where this step's time went (generate, verify, train, sync), and the engines' throughput.
+                stats.update({f"{phase}_seconds": seconds - phases.get(phase, 0.0)
+                              for phase, seconds in times.seconds.items() if seconds > phases.get(phase, 0.0)})
+                if times.generated_tokens > tokens:
+                    stats["rollout_tokens_per_second"] = (times.generated_tokens - tokens) / stats["generate_seconds"]
                 self.metrics.log(stage.name, pos.step, stats, steps=steps)
                 progress.update(bar, advance=1, description=f"{stage.kind} {stage.name} {_brief(stats)}")
                 pos.step += 1
@@ -402,8 +453,9 @@ class Controller:
         num_aggregated = round(stage.aggregation_share * stage.batch_size)
         if num_aggregated:
             tasks[:num_aggregated] = self.sampled_aggregation_tasks(stage, tasks[:num_aggregated], times)
-        batch = [Sequence(self._ids(t.prompt), self._ids(t.solution) + [self.tokenizer.eos_token_id])
-                 for t in tasks]
+        batch = [Sequence(self._ids(chat_prompt(self.tokenizer, t.prompt)),
+                          self._ids(t.solution) + [self.tokenizer.eos_token_id]) for t in tasks]
+        self.release_engines(times)
         with Timer(times, "train"):
             stats = self.learners.sft_step(batch, lr=lr)
         return {"loss": stats["loss"], "lr": lr, "aggregation_prompts": num_aggregated,
@@ -440,9 +492,11 @@ class Controller:
         batch = batch[: len(batch) - len(batch) % self.learners.num_workers]
         stats: dict = {}
         if len(batch) >= stage.minibatches * self.learners.num_workers:
+            self.release_engines(times)
             with Timer(times, "train"):
                 stats = self.learners.rl_step(batch, lr=lr, algorithm=cfg,
                                               minibatches=stage.minibatches, temperature=stage.rollout.temperature)
+            check_drift(stats["mean_abs_logprob_diff"], cfg.max_logprob_drift, self.weight_transfer)
             with Timer(times, "sync"):
                 self.sync_weights()
         return {
@@ -544,9 +598,29 @@ class Controller:
             print(f"zaya-rl: {event['error']}; weights pushed again, generating the batch again")
 
     def sync_weights(self) -> None:
+        """The learner's weights into every engine: through the object store on the CPU; on
+        GPUs by CUDA IPC (engines on the learners' cards) or a NCCL broadcast from rank 0."""
         self.weights_version += 1
-        state = self.learners.state_dict_ref()
-        ray.get([w.load_weights.remote(state, self.weights_version) for w in self.rollouts])
+        if self.weight_transfer == "object_store":
+            state = self.learners.state_dict_ref()
+            ray.get([w.load_weights.remote(state, self.weights_version) for w in self.rollouts])
+            return
+        ray.get([w.start_weight_update.remote() for w in self.rollouts])
+        if self.weight_transfer == "ipc":
+            self.learners.send_weights_ipc(self.rollouts, self.weight_dtype)
+        else:
+            request = {"update_info": {**self.weight_metadata, "packed": True}}
+            received = [w.update_weights.remote(request) for w in self.rollouts]
+            self.learners.send_weights_nccl(self.weight_dtype)
+            ray.get(received)
+        ray.get([w.finish_weight_update.remote(self.weights_version) for w in self.rollouts])
+
+    def release_engines(self, times: StageTimes) -> None:
+        """Colocated engines free their card (weights and KV cache) while the learners train;
+        the next sync_weights brings them back."""
+        if self.recipe.resources.on_gpu and self.recipe.resources.placement == "colocated":
+            with Timer(times, "sync"):
+                ray.get([w.sleep.remote() for w in self.rollouts])
 
     def evaluate(self, cfg: EvalConfig) -> dict:
         """Held-out accuracy on `cfg`'s held-out set, sampled at its temperature and greedy."""
@@ -575,6 +649,25 @@ class Controller:
         self.learners.shutdown()
         for w in self.rollouts:
             ray.kill(w)
+        if self.placement_group is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self.placement_group)
+
+
+class LogprobDriftError(RuntimeError):
+    """The engines sample from a policy other than the one the learner trains."""
+
+
+def check_drift(drift: float, limit: float | None, transport: str) -> None:
+    """Stop a run whose engine and learner log-probs of the same tokens differ by more than
+    `limit` (mean |Δ| per token): its samples are not the learner's policy, and training on
+    them would be off-policy in silence."""
+    if limit is not None and drift > limit:
+        raise LogprobDriftError(
+            f"engine and learner log-probs of the same tokens differ by {drift:.4g} per token on average, "
+            f"above algorithm.max_logprob_drift {limit:g}: the engines do not sample the learner's policy "
+            f"(weight sync by {transport} failed, or their dtypes or kernels disagree)")
 
 
 def _by_level(tasks: list[Task], verdicts) -> dict[str, float]:

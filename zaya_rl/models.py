@@ -83,6 +83,15 @@ def load_tokenizer(path: Path):
     return AutoTokenizer.from_pretrained(str(path))
 
 
+def chat_prompt(tokenizer, text: str) -> str:
+    """`text` as the user's turn of the checkpoint's chat template, ready for the assistant's
+    answer; unchanged for a tokenizer without one (the models built here)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return text
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
 def context_length(path: Path) -> int:
     """The checkpoint's own context length (its config's max_position_embeddings): the engines
     serve it with that, whether it is a user's model or the tiny one built from the recipe."""

@@ -7,7 +7,6 @@ import socket
 import pytest
 import torch
 
-import workers.learner
 from workers.learner import LearnerGroup, Sequence
 from zaya_rl.models import load_model, load_tokenizer
 from zaya_rl.recipe import AlgorithmConfig, DeepSpeedConfig
@@ -97,15 +96,20 @@ def test_zero3_two_ranks_equal_zero2_one_rank(ray_local, checkpoint):
 
 
 def test_a_taken_rendezvous_port_is_retried(ray_local, checkpoint, monkeypatch):
-    """Another process may take the port free_port() found before rank 0 listens on it: the group
-    is started again on a fresh port, under the same actor names."""
+    """Another process may take the port rank 0's node offered before rank 0 listens on it: the
+    group is started again on a fresh port, under the same actor names."""
     with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
+        taken.bind(("", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        real_free_port, given = workers.learner.free_port, []
-        monkeypatch.setattr(workers.learner, "free_port",
-                            lambda: given.append(real_free_port() if given else port) or given[-1])
+        real_rendezvous, given = LearnerGroup._rendezvous, []
+
+        def first_one_taken(group):
+            address, fresh = real_rendezvous(group)
+            given.append(fresh if given else port)
+            return address, given[-1]
+
+        monkeypatch.setattr(LearnerGroup, "_rendezvous", first_one_taken)
         group = LearnerGroup(1, checkpoint, ZERO2)
     try:
         assert len(given) == 2 and given[0] == port != given[1]
