@@ -99,7 +99,7 @@ def load_or_report(path: str, overrides: list[str] = ()):
 def add_eval_parser(sub) -> None:
     ev = sub.add_parser("eval", help="evaluate a checkpoint: Markovian RSA vs sampling and majority vote")
     ev.add_argument("--checkpoint", type=Path, help="checkpoint directory (with --recipe: default RUN_DIR/final)")
-    ev.add_argument("--recipe", help="take the held-out set, temperature, seed and the RSA settings "
+    ev.add_argument("--recipe", help="take every source's held-out set, the temperature, seed and RSA settings "
                     "(rollout.rsa) from this recipe")
     ev.add_argument("--population", type=int, help="N: samples per problem (default: rollout.rsa.population or 8)")
     ev.add_argument("--tails", type=int, help="C: candidate tails per aggregation prompt "
@@ -116,7 +116,7 @@ def add_eval_parser(sub) -> None:
                     help="temperature of the aggregation rounds (default: rollout.rsa.aggregation_temperature, "
                          "else --temperature)")
     ev.add_argument("--continuation", action="store_true", help="Delethink chunking (needs --tails 1)")
-    ev.add_argument("--num-problems", type=int, help="default: recipe eval.num_problems or 100")
+    ev.add_argument("--num-problems", type=int, help="problems per source (default: recipe eval.num_problems or 100)")
     ev.add_argument("--levels", type=int, nargs="+", help="held-out levels (default: recipe eval.levels or 1)")
     ev.add_argument("--seed", type=int, help="default: the recipe's seed or 0")
     ev.add_argument("--threads", type=int, default=2, help="torch threads of the engine")
@@ -127,7 +127,7 @@ def add_eval_parser(sub) -> None:
 def eval_command(args) -> int:
     """`zaya-rl eval`: settings from the command line, then the recipe, then defaults."""
     from zaya_rl.evaluate import check_context, format_report, run_eval
-    from zaya_rl.tasks import held_out
+    from zaya_rl.tasks import held_out, held_out_tasks
 
     recipe = None
     if args.recipe:
@@ -146,8 +146,12 @@ def eval_command(args) -> int:
     base = recipe.eval if recipe else EvalConfig(num_problems=100, levels=[1])
     try:
         cfg = rsa_config(args, recipe)
-        tasks = held_out(recipe.tasks.generator if recipe else "chain_sum", args.levels or base.levels,
-                         args.num_problems or base.num_problems)
+        levels, num_problems = args.levels or base.levels, args.num_problems or base.num_problems
+        # Every source's held-out problems (num_problems each), or chain_sum's without a recipe.
+        tasks = (held_out_tasks(recipe.sources(), levels, num_problems) if recipe
+                 else held_out("chain_sum", levels, num_problems))
+        if not tasks:
+            raise ValueError(f"no source of {args.recipe} has a held-out set (see `held_out` in docs/recipes.md)")
         max_model_len = check_context(checkpoint, tasks, cfg)
     except ValueError as err:
         print(f"zaya-rl: {err}", file=sys.stderr)

@@ -117,6 +117,8 @@ class FileSource(SourceBase):
     kind: Literal["file"]
     path: str = Field(pattern=r"\.(jsonl|parquet)$", description="a .jsonl or .parquet file")
     fields: FileFields = FileFields()
+    held_out: str | None = Field(None, pattern=r"\.(jsonl|parquet)$", description="a file of held-out rows "
+                                 "with the same fields, for evaluation; null: the source is not evaluated")
 
 
 class CodeFields(StrictModel):
@@ -135,6 +137,9 @@ class CodeSource(SourceBase):
     path: str | None = Field(None, pattern=r"\.jsonl$", description="a .jsonl file; environment variables "
                              "are expanded when a run starts")
     fields: CodeFields = CodeFields()
+    held_out: str | None = Field(None, pattern=r"(\.jsonl|^humaneval)$", description="held-out problems for "
+                                 "evaluation: a .jsonl file with the same fields, or 'humaneval'; null: "
+                                 "HumanEval for dataset humaneval, otherwise the source is not evaluated")
 
     @model_validator(mode="after")
     def _check(self) -> CodeSource:
@@ -500,11 +505,20 @@ class Recipe(StrictModel):
     def data_for(self, stage: SftStage | RlStage) -> DataConfig:
         return stage.data or self.data
 
+    def sources(self) -> list[Source]:
+        """Every source the stages train on, once per name (a name is one source), in order of
+        first use."""
+        by_name: dict[str, Source] = {}
+        for stage in self.stages:
+            for source in self.data_for(stage).sources:
+                by_name.setdefault(source.name, source)
+        return list(by_name.values())
+
     def unresolved_paths(self) -> list[str]:
         """Paths still naming an unset environment variable: fine to validate, not to run."""
         paths = [str(self.model.path)] if self.model.path is not None else []
         for data in [self.data] + [s.data for s in self.stages if s.data is not None]:
-            paths += [s.path for s in data.sources if getattr(s, "path", None)]
+            paths += [p for s in data.sources for p in (getattr(s, "path", None), getattr(s, "held_out", None)) if p]
         return sorted({p for p in paths if "${" in p})
 
     @model_validator(mode="after")

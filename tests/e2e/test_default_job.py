@@ -27,6 +27,8 @@ def check_run_dir(run_dir: Path, rl_steps: int):
     for stage in summary["stages"].values():
         assert 0.0 <= stage["eval_accuracy"] <= 1.0
         assert stage["eval_sampled"]["n"] == 24
+        # One source: its own accuracy is the whole set's.
+        assert stage["eval_sampled"]["by_source"]["chain_sum"]["accuracy"] == stage["eval_accuracy"]
         assert stage["wall_seconds"] > 0 and stage["generated_tokens_per_second"] > 0
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     sft = [r for r in records if r["stage"] == "warmup" and "loss" in r]
