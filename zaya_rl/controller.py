@@ -77,6 +77,12 @@ def lr_at(stage: StageBase, step: int, progress: float) -> float:
     return low + (stage.lr - low) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def stage_progress(step: int, steps: int, elapsed: float, max_seconds: float | None) -> float:
+    """How much of a stage is done after `step` steps and `elapsed` seconds: the larger of its
+    share of steps and of max_seconds, since whichever budget runs out first ends the stage."""
+    return max(step / steps, elapsed / max_seconds if max_seconds else 0.0)
+
+
 def accuracy_with_interval(correct: list[bool]) -> dict:
     """Accuracy and its 95% Wilson interval."""
     n, k = len(correct), sum(correct)
@@ -296,14 +302,16 @@ class Controller:
             stage.batch_size if isinstance(stage, SftStage) else stage.prompts_per_step))
         start = time.perf_counter() - pos.stage_seconds
         with Progress(transient=False) as progress:
-            bar = progress.add_task(f"{stage.kind} {stage.name}", total=steps, completed=pos.step)
+            # The bar counts the budget that binds, steps or seconds: a 270 s stage with
+            # steps: 100000 ends by the clock, and its bar and time left must say so.
+            bar = progress.add_task(f"{stage.kind} {stage.name}", total=1.0,
+                                    completed=stage_progress(pos.step, steps, pos.stage_seconds, stage.max_seconds))
             while pos.step < steps:
                 elapsed = time.perf_counter() - start
                 if stage.max_seconds and elapsed > stage.max_seconds:
                     break
                 tokens, generate_seconds = times.generated_tokens, times.seconds.get("generate", 0.0)
-                done = max(pos.step / steps, elapsed / stage.max_seconds if stage.max_seconds else 0.0)
-                lr = lr_at(stage, pos.step, done)
+                lr = lr_at(stage, pos.step, stage_progress(pos.step, steps, elapsed, stage.max_seconds))
                 if isinstance(stage, SftStage):
                     stats = self.sft_step(stage, lr, curriculum, times)
                 else:
@@ -312,7 +320,8 @@ class Controller:
                     stats["rollout_tokens_per_second"] = ((times.generated_tokens - tokens)
                                                           / (times.seconds["generate"] - generate_seconds))
                 self.metrics.log(stage.name, pos.step, stats, steps=steps)
-                progress.update(bar, advance=1, description=f"{stage.kind} {stage.name} {_brief(stats)}")
+                done = stage_progress(pos.step + 1, steps, time.perf_counter() - start, stage.max_seconds)
+                progress.update(bar, completed=done, description=f"{stage.kind} {stage.name} {_brief(stats)}")
                 pos.step += 1
                 pos.global_step += 1
                 if pos.global_step % self.recipe.checkpoint.every_steps == 0:

@@ -263,6 +263,15 @@ def test_lr_schedule_warms_up_then_decays_by_the_stages_progress():
     assert lr_at(cosine, 100, 1.7) == pytest.approx(0.2)  # a step past max_seconds stays at the floor
 
 
+def test_stage_progress_follows_the_budget_that_binds():
+    from zaya_rl.controller import stage_progress
+
+    # The default warmup: 270 s with steps: 100000 ends by the clock, not at 1% of its steps.
+    assert stage_progress(470, 100000, 135.0, 270.0) == pytest.approx(0.5)
+    assert stage_progress(50, 100, 10.0, 270.0) == pytest.approx(0.5)  # steps bind
+    assert stage_progress(25, 100, 1e6, None) == 0.25
+
+
 def test_held_out_splits_of_file_and_code_sources(tmp_path, monkeypatch):
     monkeypatch.delenv("ZR_TEST_UNSET", raising=False)
     base = "name: x\nstages:\n  - {name: a, kind: rl, steps: 1, lr: 0.1}\ndata:\n  sources:\n"
