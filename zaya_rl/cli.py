@@ -1,6 +1,6 @@
-"""Command line: `zaya-rl run [--resume | --stage NAME --from CKPT] | validate | show RECIPE`
-and `zaya-rl eval` (test-time compute, zaya_rl/evaluate.py); `--set KEY=VALUE` overrides a
-field of the recipe.
+"""Command line: `zaya-rl run [--resume | --stage NAME --from CKPT] | validate | show RECIPE`,
+`zaya-rl eval` (test-time compute, zaya_rl/evaluate.py) and `zaya-rl report RUN_DIR` (plots,
+zaya_rl/report.py); `--set KEY=VALUE` overrides a field of the recipe.
 
 A recipe that cannot be run is reported (file, field, line) with exit code 2 before
 anything starts.
@@ -35,9 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     for command in (run, validate, show):
         add_set_argument(command)
     add_eval_parser(sub)
+    report = sub.add_parser("report", help="plot a run (finished or running) into PNG files and one HTML page")
+    report.add_argument("run_dir", type=Path)
+    report.add_argument("--out", type=Path, help="where the page and plots go (default: RUN_DIR/report)")
     args = parser.parse_args(argv)
     if args.command == "eval":
         return eval_command(args)
+    if args.command == "report":
+        return report_command(args.run_dir, args.out or args.run_dir / "report")
 
     recipe = load_or_report(args.recipe, args.overrides)
     if recipe is None:
@@ -162,6 +167,17 @@ def eval_command(args) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2))
         print(f"wrote {args.out}")
+    return 0
+
+
+def report_command(run_dir: Path, out_dir: Path) -> int:
+    from zaya_rl.report import write_report
+
+    if not (run_dir / "metrics.jsonl").is_file():
+        print(f"zaya-rl: {run_dir} holds no metrics.jsonl: not a run directory", file=sys.stderr)
+        return 2
+    page, *plots = write_report(run_dir, out_dir)
+    print(f"wrote {page} and its plots: {', '.join(p.name for p in plots)}")
     return 0
 
 

@@ -5,8 +5,8 @@ import pytest
 
 from rewards.code import verify_code
 from zaya_rl.recipe import CodeFields, CodeSource, FileFields, FileSource, GymSource
-from zaya_rl.tasks import (Task, TaskStream, build_source, code_tasks, file_tasks, held_out, held_out_for, held_out_tasks,
-                           render, worked_solution)
+from zaya_rl.tasks import (Task, TaskStream, build_source, code_tasks, file_tasks, held_out, held_out_for,
+                           held_out_tasks, render, worked_solution)
 
 
 def test_worked_solution_is_left_to_right():
