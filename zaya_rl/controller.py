@@ -510,8 +510,9 @@ class Controller:
         return kept_groups, rewards, seen
 
     def aggregation_tasks(self, stage: RlStage, count: int) -> list[Task]:
-        """Self-aggregation (METHODS.md §3): the same task, prompted with C tails of the policy's
-        own recent samples of it; the newest rollouts are used first, each task once."""
+        """Self-aggregation (docs/methods.md, "Training for aggregation"): the same task, prompted
+        with C tails of the policy's own recent samples of it; the newest rollouts are used first,
+        each task once."""
         recent = [self.recent_rollouts.pop() for _ in range(min(count, len(self.recent_rollouts)))]
         return self._aggregated([task for task, _ in recent], [group for _, group in recent], stage)
 

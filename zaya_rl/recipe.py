@@ -192,7 +192,7 @@ class EvalConfig(StrictModel):
 
 
 class RsaSettings(StrictModel):
-    """Markovian RSA at test time (METHODS.md §1-3, zaya_rl/rsa.py); `zaya-rl eval --recipe`
+    """Markovian RSA at test time (docs/methods.md, zaya_rl/rsa.py); `zaya-rl eval --recipe`
     takes these unless its flags say otherwise."""
 
     population: int = Field(RsaConfig.population, ge=1, description="N: samples per problem in every round")
@@ -235,7 +235,7 @@ class RolloutConfig(StrictModel):
 
 
 class AlgorithmConfig(StrictModel):
-    """How an RL stage turns rewards into an update (METHODS.md §5, zaya_rl/algorithms.py).
+    """How an RL stage turns rewards into an update (docs/methods.md, zaya_rl/algorithms.py).
 
     The defaults are ZAYA1's aggregation with GRPO advantages and DAPO's clip bounds.
     """
@@ -295,8 +295,9 @@ class AlgorithmConfig(StrictModel):
 
 
 class CurriculumConfig(StrictModel):
-    """Adaptive difficulty per source (METHODS.md §4): each source's level goes up one when its
-    pass rate at the current level is above `raise_above`, down one at `lower_at_or_below`."""
+    """Adaptive difficulty per source (docs/methods.md, "Curriculum"): each source's level goes up
+    one when its pass rate at the current level is above `raise_above`, down one at
+    `lower_at_or_below`."""
 
     start_level: int | Literal["probe"] = Field(
         1, description="every source's first level (capped at its top level), or 'probe': measure the "
