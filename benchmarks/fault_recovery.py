@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from zaya_rl.chaos import kill_mid_call, records, start_run, stop, wait_for_step
+from benchmarks.chaos import kill_mid_call, records, start_run, stop, wait_for_step
 
 FAULTS = {  # name: (actor class, method), or None for the driver
     "rollout worker, mid-generate": ("RolloutWorker", "generate"),

@@ -1,4 +1,5 @@
-"""Advantages, policy losses, loss aggregation and reward shaping as pure torch (METHODS.md §5).
+"""Advantages, policy losses, loss aggregation and reward shaping as pure torch (the methods
+and their papers: docs/methods.md, "Advantages and losses").
 
 Nothing here knows about Ray, DeepSpeed or engines: rewards and log-probs in, tensors
 out, so every formula is unit-tested against hand-computed values.

@@ -1,6 +1,6 @@
-"""Command line: `zaya-rl run [--resume | --stage NAME --from CKPT] | validate | show RECIPE`
-and `zaya-rl eval` (test-time compute, zaya_rl/evaluate.py); `--set KEY=VALUE` overrides a
-field of the recipe.
+"""Command line: `zaya-rl run [--resume | --stage NAME --from CKPT] | validate | show RECIPE`,
+`zaya-rl eval` (test-time compute, zaya_rl/evaluate.py) and `zaya-rl report RUN_DIR` (plots,
+zaya_rl/report.py); `--set KEY=VALUE` overrides a field of the recipe.
 
 A recipe that cannot be run is reported (file, field, line) with exit code 2 before
 anything starts.
@@ -35,9 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     for command in (run, validate, show):
         add_set_argument(command)
     add_eval_parser(sub)
+    report = sub.add_parser("report", help="plot a run (finished or running) into PNG files and one HTML page")
+    report.add_argument("run_dir", type=Path)
+    report.add_argument("--out", type=Path, help="where the page and plots go (default: RUN_DIR/report)")
     args = parser.parse_args(argv)
     if args.command == "eval":
         return eval_command(args)
+    if args.command == "report":
+        return report_command(args.run_dir, args.out or args.run_dir / "report")
 
     recipe = load_or_report(args.recipe, args.overrides)
     if recipe is None:
@@ -106,7 +111,7 @@ def load_or_report(path: str, overrides: list[str] = ()):
 def add_eval_parser(sub) -> None:
     ev = sub.add_parser("eval", help="evaluate a checkpoint: Markovian RSA vs sampling and majority vote")
     ev.add_argument("--checkpoint", type=Path, help="checkpoint directory (with --recipe: default RUN_DIR/final)")
-    ev.add_argument("--recipe", help="take the held-out set, temperature, seed and the RSA settings "
+    ev.add_argument("--recipe", help="take every source's held-out set, the temperature, seed and RSA settings "
                     "(rollout.rsa) from this recipe")
     ev.add_argument("--population", type=int, help="N: samples per problem (default: rollout.rsa.population or 8)")
     ev.add_argument("--tails", type=int, help="C: candidate tails per aggregation prompt "
@@ -123,7 +128,7 @@ def add_eval_parser(sub) -> None:
                     help="temperature of the aggregation rounds (default: rollout.rsa.aggregation_temperature, "
                          "else --temperature)")
     ev.add_argument("--continuation", action="store_true", help="Delethink chunking (needs --tails 1)")
-    ev.add_argument("--num-problems", type=int, help="default: recipe eval.num_problems or 100")
+    ev.add_argument("--num-problems", type=int, help="problems per source (default: recipe eval.num_problems or 100)")
     ev.add_argument("--levels", type=int, nargs="+", help="held-out levels (default: recipe eval.levels or 1)")
     ev.add_argument("--seed", type=int, help="default: the recipe's seed or 0")
     ev.add_argument("--threads", type=int, default=2, help="torch threads of the engine")
@@ -134,7 +139,7 @@ def add_eval_parser(sub) -> None:
 def eval_command(args) -> int:
     """`zaya-rl eval`: settings from the command line, then the recipe, then defaults."""
     from zaya_rl.evaluate import check_context, format_report, run_eval
-    from zaya_rl.tasks import held_out
+    from zaya_rl.tasks import held_out, held_out_tasks
 
     recipe = None
     if args.recipe:
@@ -153,8 +158,12 @@ def eval_command(args) -> int:
     base = recipe.eval if recipe else EvalConfig(num_problems=100, levels=[1])
     try:
         cfg = rsa_config(args, recipe)
-        tasks = held_out(recipe.tasks.generator if recipe else "chain_sum", args.levels or base.levels,
-                         args.num_problems or base.num_problems)
+        levels, num_problems = args.levels or base.levels, args.num_problems or base.num_problems
+        # Every source's held-out problems (num_problems each), or chain_sum's without a recipe.
+        tasks = (held_out_tasks(recipe.sources(), levels, num_problems) if recipe
+                 else held_out("chain_sum", levels, num_problems))
+        if not tasks:
+            raise ValueError(f"no source of {args.recipe} has a held-out set (see `held_out` in docs/recipes.md)")
         max_model_len = check_context(checkpoint, tasks, cfg)
     except ValueError as err:
         print(f"zaya-rl: {err}", file=sys.stderr)
@@ -165,6 +174,17 @@ def eval_command(args) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2))
         print(f"wrote {args.out}")
+    return 0
+
+
+def report_command(run_dir: Path, out_dir: Path) -> int:
+    from zaya_rl.report import write_report
+
+    if not (run_dir / "metrics.jsonl").is_file():
+        print(f"zaya-rl: {run_dir} holds no metrics.jsonl: not a run directory", file=sys.stderr)
+        return 2
+    page, *plots = write_report(run_dir, out_dir)
+    print(f"wrote {page} and its plots: {', '.join(p.name for p in plots)}")
     return 0
 
 

@@ -26,7 +26,7 @@ from zaya_rl.curriculum import AdaptiveCurriculum
 from zaya_rl.metrics import MetricsSink
 from zaya_rl.models import build_checkpoint, chat_prompt, context_length, load_tokenizer
 from zaya_rl.recipe import CurriculumConfig, EvalConfig, Recipe, RlStage, SftStage, StageBase, dump_recipe
-from zaya_rl.tasks import Task, TaskStream, build_source, held_out
+from zaya_rl.tasks import Task, TaskStream, build_source, held_out_tasks
 
 
 @dataclass
@@ -77,6 +77,12 @@ def lr_at(stage: StageBase, step: int, progress: float) -> float:
     return low + (stage.lr - low) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def stage_progress(step: int, steps: int, elapsed: float, max_seconds: float | None) -> float:
+    """How much of a stage is done after `step` steps and `elapsed` seconds: the larger of its
+    share of steps and of max_seconds, since whichever budget runs out first ends the stage."""
+    return max(step / steps, elapsed / max_seconds if max_seconds else 0.0)
+
+
 def accuracy_with_interval(correct: list[bool]) -> dict:
     """Accuracy and its 95% Wilson interval."""
     n, k = len(correct), sum(correct)
@@ -116,16 +122,22 @@ class Controller:
         self.layout = placement.plan(recipe.resources)
         self.position = Position()
         self.summary: dict = {"recipe": recipe.name, "seed": recipe.seed, "stages": {}, "recoveries": []}
-        # The held-out set of each distinct eval block (the recipe's, the stages'), by (levels, num_problems).
+        # The held-out set of each distinct eval block (the recipe's, the stages'), by (levels,
+        # num_problems): the held-out problems of every source the stages train on.
+        source_configs = recipe.sources()
         self.eval_tasks: dict[tuple, list[Task]] = {}
         for cfg in [recipe.eval] + [s.eval for s in recipe.stages]:
             key = (tuple(cfg.levels), cfg.num_problems)
             if key not in self.eval_tasks:
-                self.eval_tasks[key] = held_out(recipe.tasks.generator, cfg.levels, cfg.num_problems)
+                self.eval_tasks[key] = held_out_tasks(source_configs, cfg.levels, cfg.num_problems)
+        evaluated = {t.source for tasks in self.eval_tasks.values() for t in tasks}
+        missing = [source.name for source in source_configs if source.name not in evaluated]
+        if missing:
+            print(f"zaya-rl: sources without a held-out set, not evaluated: {missing} "
+                  "(see `held_out` in docs/recipes.md)")
         # One runtime source per name, shared by the stages that use it (its position carries over).
         exclude = frozenset(t.prompt for tasks in self.eval_tasks.values() for t in tasks)
-        configs = {src.name: src for stage in recipe.stages for src in recipe.data_for(stage).sources}
-        self.sources = {name: build_source(cfg, recipe.seed, exclude) for name, cfg in configs.items()}
+        self.sources = {source.name: build_source(source, recipe.seed, exclude) for source in source_configs}
         self.curriculum_state: dict | None = None
         self.recent_rollouts: deque[tuple[Task, list[Completion]]] = deque(maxlen=256)
         self.rng = random.Random(recipe.seed)
@@ -339,14 +351,16 @@ class Controller:
             stage.batch_size if isinstance(stage, SftStage) else stage.prompts_per_step))
         start = time.perf_counter() - pos.stage_seconds
         with Progress(transient=False) as progress:
-            bar = progress.add_task(f"{stage.kind} {stage.name}", total=steps, completed=pos.step)
+            # The bar counts the budget that binds, steps or seconds: a 270 s stage with
+            # steps: 100000 ends by the clock, and its bar and time left must say so.
+            bar = progress.add_task(f"{stage.kind} {stage.name}", total=1.0,
+                                    completed=stage_progress(pos.step, steps, pos.stage_seconds, stage.max_seconds))
             while pos.step < steps:
                 elapsed = time.perf_counter() - start
                 if stage.max_seconds and elapsed > stage.max_seconds:
                     break
                 tokens, phases = times.generated_tokens, dict(times.seconds)
-                done = max(pos.step / steps, elapsed / stage.max_seconds if stage.max_seconds else 0.0)
-                lr = lr_at(stage, pos.step, done)
+                lr = lr_at(stage, pos.step, stage_progress(pos.step, steps, elapsed, stage.max_seconds))
                 if isinstance(stage, SftStage):
                     stats = self.sft_step(stage, lr, curriculum, times)
                 else:
@@ -357,7 +371,8 @@ class Controller:
                 if times.generated_tokens > tokens:
                     stats["rollout_tokens_per_second"] = (times.generated_tokens - tokens) / stats["generate_seconds"]
                 self.metrics.log(stage.name, pos.step, stats, steps=steps)
-                progress.update(bar, advance=1, description=f"{stage.kind} {stage.name} {_brief(stats)}")
+                done = stage_progress(pos.step + 1, steps, time.perf_counter() - start, stage.max_seconds)
+                progress.update(bar, completed=done, description=f"{stage.kind} {stage.name} {_brief(stats)}")
                 pos.step += 1
                 pos.global_step += 1
                 if pos.global_step % self.recipe.checkpoint.every_steps == 0:
@@ -549,8 +564,9 @@ class Controller:
         return kept_groups, rewards, seen
 
     def aggregation_tasks(self, stage: RlStage, count: int) -> list[Task]:
-        """Self-aggregation (METHODS.md §3): the same task, prompted with C tails of the policy's
-        own recent samples of it; the newest rollouts are used first, each task once."""
+        """Self-aggregation (docs/methods.md, "Training for aggregation"): the same task, prompted
+        with C tails of the policy's own recent samples of it; the newest rollouts are used first,
+        each task once."""
         recent = [self.recent_rollouts.pop() for _ in range(min(count, len(self.recent_rollouts)))]
         return self._aggregated([task for task, _ in recent], [group for _, group in recent], stage)
 
@@ -623,20 +639,25 @@ class Controller:
                 ray.get([w.sleep.remote() for w in self.rollouts])
 
     def evaluate(self, cfg: EvalConfig) -> dict:
-        """Held-out accuracy on `cfg`'s held-out set, sampled at its temperature and greedy."""
+        """Held-out accuracy on every source's held-out problems (`cfg`'s levels and number, per
+        source), sampled at its temperature and greedy: over all of them, by level and by source.
+        A gym answer counts when its generator gives full credit. {} when no source has a set."""
         tasks = self.eval_tasks[(tuple(cfg.levels), cfg.num_problems)]
+        if not tasks:
+            return {}
         out = {}
         modes = [("sampled", cfg.temperature)] + ([("greedy", 0.0)] if cfg.greedy else [])
         for mode, temperature in modes:
             times = StageTimes()
             groups = self.generate([t.prompt for t in tasks], 1, temperature, cfg.max_tokens, times,
                                    seed=self.recipe.seed)
-            texts = [g[0].text for g in groups]
-            verdicts = self.verifiers.score(texts, [t.answer for t in tasks])
-            acc = accuracy_with_interval([v.correct for v in verdicts])
+            correct = [reward == 1.0 for reward in self.score_tasks(tasks, [g[0].text for g in groups])]
+            by_source = {name: _accuracy([t for t in tasks if t.source == name],
+                                         [c for t, c in zip(tasks, correct) if t.source == name])
+                         for name in dict.fromkeys(t.source for t in tasks)}
             tokens_per_second = times.generated_tokens / times.seconds["generate"]
-            out[f"eval_{mode}"] = {**acc, "generated_tokens_per_second": tokens_per_second,
-                                   "by_level": _by_level(tasks, verdicts)}
+            out[f"eval_{mode}"] = {**_accuracy(tasks, correct), "generated_tokens_per_second": tokens_per_second,
+                                   "by_source": by_source}
         out["eval_accuracy"] = out["eval_sampled"]["accuracy"]
         out["generated_tokens_per_second"] = out["eval_sampled"]["generated_tokens_per_second"]
         return out
@@ -670,11 +691,12 @@ def check_drift(drift: float, limit: float | None, transport: str) -> None:
             f"(weight sync by {transport} failed, or their dtypes or kernels disagree)")
 
 
-def _by_level(tasks: list[Task], verdicts) -> dict[str, float]:
+def _accuracy(tasks: list[Task], correct: list[bool]) -> dict:
+    """Accuracy with its 95% interval, and by level."""
     levels: dict[int, list[bool]] = {}
-    for t, v in zip(tasks, verdicts):
-        levels.setdefault(t.level, []).append(v.correct)
-    return {str(k): sum(v) / len(v) for k, v in sorted(levels.items())}
+    for task, ok in zip(tasks, correct):
+        levels.setdefault(task.level, []).append(ok)
+    return {**accuracy_with_interval(correct), "by_level": {str(k): sum(v) / len(v) for k, v in sorted(levels.items())}}
 
 
 def _brief(stats: dict) -> str:

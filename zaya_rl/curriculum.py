@@ -1,9 +1,10 @@
 """Which tasks a stage serves next: a mixture of sources, each (in rl stages) at its own adaptive level.
 
-METHODS.md §4: a source's level goes up one when its pass rate at the current level is above
-a threshold, and down one when it is at (or below) a floor. The pass rate is taken over the
-last `window` group pass rates at that level, checked once a step, so with a long window one
-lucky group does not move it (window 1 is ZAYA1's rule: the step's last group decides).
+The rule of the ZAYA1-8B Technical Report's curriculum (docs/methods.md, "Curriculum"): a
+source's level goes up one when its pass rate at the current level is above a threshold, and
+down one when it is at (or below) a floor. The pass rate is taken over the last `window` group
+pass rates at that level, checked once a step, so with a long window one lucky group does not
+move it (window 1 is ZAYA1's rule: the step's last group decides).
 
 Each prompt's source is the one furthest below its weighted share of the prompts served so
 far (ties broken at random), so the mixture follows the weights and, with equal weights,

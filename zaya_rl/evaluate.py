@@ -15,7 +15,11 @@ a checkpoint, no Ray). On one set of tasks it reports:
   have had, and how often a member's answer was one of theirs: an aggregator worth its tokens
   beats that vote, one that ignores its candidates copies at about the population's rate.
 
-Answers are scored by `MathVerifier` (a killable child process): model output is untrusted.
+All of it over all tasks and per source (`Task.source`), so a recipe's held-out sets
+(zaya_rl.tasks.held_out_tasks) are read source by source. Answers are scored by
+`MathVerifier` (a killable child process; a reasoning-gym item by its generator's scorer,
+counted correct at full credit), programs by running their tests in the sandbox: model output
+is untrusted.
 """
 
 from __future__ import annotations
@@ -24,22 +28,33 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from rewards.code import extract_code, verify_code
 from rewards.math import START_FAILED, MathVerifier, extract_answer
 from zaya_rl.rsa import RsaConfig, plurality_correctness, readouts, template_overhead_tokens
 from zaya_rl.tasks import Task
 
 
 def judge(groups, tasks: list[Task], verifier: MathVerifier) -> list[tuple[list[str | None], list[bool]]]:
-    """Each task's group of completions as (extracted answers, correctness). Raises when the
-    verifier could not start: an evaluation scored as all wrong would be worse than none."""
-    items = [(c.text, task.answer) for task, group in zip(tasks, groups) for c in group]
-    verdicts = verifier.score(items)
+    """Each task's group of completions as (answers, correctness). A code task's answer is its
+    program, correct when its tests pass in the sandbox; any other's is its extracted final
+    answer, checked by `verifier`. Raises when the verifier could not start: an evaluation
+    scored as all wrong would be worse than none."""
+    items = [(c.text, task.gym or task.answer) for task, group in zip(tasks, groups) if task.tests is None
+             for c in group]
+    verdicts = verifier.score(items) if items else []
     if any(v.reason == START_FAILED for v in verdicts):
         raise RuntimeError("the math verifier's child process failed to start, so answers cannot be scored "
                            "(a script that evaluates needs an `if __name__ == \"__main__\":` guard: the "
                            "verifier's forkserver imports the main module)")
     verdicts = iter(verdicts)
-    return [([extract_answer(c.text) for c in group], [next(verdicts).correct for _ in group]) for group in groups]
+    judged = []
+    for task, group in zip(tasks, groups):
+        if task.tests is not None:
+            judged.append(([extract_code(c.text).strip() or None for c in group],
+                           [verify_code(c.text, task.tests).passed for c in group]))
+        else:
+            judged.append(([extract_answer(c.text) for c in group], [next(verdicts).correct for _ in group]))
+    return judged
 
 
 def _mean(rows: list[dict[str, float]], key: str) -> float:
@@ -92,6 +107,9 @@ def evaluate(rollout, tasks: list[Task], cfg: RsaConfig, verifier: MathVerifier)
     matched_tokens = sum(len(c.token_ids) for group in matched for c in group)
     matched_scores = [readouts(*group) for group in judge(matched, tasks, verifier)]
 
+    by_source: dict[str, list[int]] = {}
+    for i, task in enumerate(tasks):
+        by_source.setdefault(task.source, []).append(i)
     return {
         "num_problems": num,
         "rsa": asdict(cfg),
@@ -108,8 +126,19 @@ def evaluate(rollout, tasks: list[Task], cfg: RsaConfig, verifier: MathVerifier)
         "rounds": [{"round": t, **asdict(stats), "mean_accuracy": _mean(scores, "mean"),
                     **(aggregation_readouts(judged[t - 1], judged[t], result.draws[t - 1]) if t else {})}
                    for t, (stats, scores) in enumerate(zip(result.rounds, per_round))],
+        "by_source": {name: source_accuracies([first[i] for i in idx], [final[i] for i in idx],
+                                              [matched_scores[i] for i in idx]) for name, idx in by_source.items()},
         "seconds": time.perf_counter() - start,
     }
+
+
+def source_accuracies(first: list[dict], final: list[dict], matched: list[dict]) -> dict[str, float]:
+    """One source's problems: the read-outs of round 0, of the final population and of the
+    matched-token majority vote (each problem's `readouts`)."""
+    return {"num_problems": len(first), "single_sample": _mean(first, "mean"),
+            "majority_vote": _mean(first, "majority"), "rsa_mean": _mean(final, "mean"),
+            "rsa_majority": _mean(final, "majority"), "matched_majority": _mean(matched, "majority"),
+            "pass_at_n": _mean(first, "pass_at_n")}
 
 
 def check_context(checkpoint: Path, tasks: list[Task], cfg: RsaConfig) -> int:
@@ -170,6 +199,12 @@ def format_report(report: dict) -> str:
               f"{_share(r, 'answer_from_candidates'):>7}" for r in report["rounds"]]
     lines.append("vote of shown: accuracy of a vote among the candidates each member was shown; "
                  "copied: share of members whose answer is one of theirs")
+    pass_at_n = f"pass@{cfg['population']}"
+    lines.append(f"{'source':20} {'problems':>8} {'single':>7} {'majority':>9} {'RSA mean':>9} "
+                 f"{'RSA majority':>13} {'matched':>8} {pass_at_n:>8}")
+    lines += [f"{name[:20]:20} {r['num_problems']:8d} {r['single_sample']:7.3f} {r['majority_vote']:9.3f} "
+              f"{r['rsa_mean']:9.3f} {r['rsa_majority']:13.3f} {r['matched_majority']:8.3f} {r['pass_at_n']:8.3f}"
+              for name, r in report["by_source"].items()]
     return "\n".join(lines)
 
 

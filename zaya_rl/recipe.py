@@ -117,6 +117,8 @@ class FileSource(SourceBase):
     kind: Literal["file"]
     path: str = Field(pattern=r"\.(jsonl|parquet)$", description="a .jsonl or .parquet file")
     fields: FileFields = FileFields()
+    held_out: str | None = Field(None, pattern=r"\.(jsonl|parquet)$", description="a file of held-out rows "
+                                 "with the same fields, for evaluation; null: the source is not evaluated")
 
 
 class CodeFields(StrictModel):
@@ -135,6 +137,9 @@ class CodeSource(SourceBase):
     path: str | None = Field(None, pattern=r"\.jsonl$", description="a .jsonl file; environment variables "
                              "are expanded when a run starts")
     fields: CodeFields = CodeFields()
+    held_out: str | None = Field(None, pattern=r"(\.jsonl|^humaneval)$", description="held-out problems for "
+                                 "evaluation: a .jsonl file with the same fields, or 'humaneval'; null: "
+                                 "HumanEval for dataset humaneval, otherwise the source is not evaluated")
 
     @model_validator(mode="after")
     def _check(self) -> CodeSource:
@@ -187,7 +192,7 @@ class EvalConfig(StrictModel):
 
 
 class RsaSettings(StrictModel):
-    """Markovian RSA at test time (METHODS.md §1-3, zaya_rl/rsa.py); `zaya-rl eval --recipe`
+    """Markovian RSA at test time (docs/methods.md, zaya_rl/rsa.py); `zaya-rl eval --recipe`
     takes these unless its flags say otherwise."""
 
     population: int = Field(RsaConfig.population, ge=1, description="N: samples per problem in every round")
@@ -230,7 +235,7 @@ class RolloutConfig(StrictModel):
 
 
 class AlgorithmConfig(StrictModel):
-    """How an RL stage turns rewards into an update (METHODS.md §5, zaya_rl/algorithms.py).
+    """How an RL stage turns rewards into an update (docs/methods.md, zaya_rl/algorithms.py).
 
     The defaults are ZAYA1's aggregation with GRPO advantages and DAPO's clip bounds.
     """
@@ -294,8 +299,9 @@ class AlgorithmConfig(StrictModel):
 
 
 class CurriculumConfig(StrictModel):
-    """Adaptive difficulty per source (METHODS.md §4): each source's level goes up one when its
-    pass rate at the current level is above `raise_above`, down one at `lower_at_or_below`."""
+    """Adaptive difficulty per source (docs/methods.md, "Curriculum"): each source's level goes up
+    one when its pass rate at the current level is above `raise_above`, down one at
+    `lower_at_or_below`."""
 
     start_level: int | Literal["probe"] = Field(
         1, description="every source's first level (capped at its top level), or 'probe': measure the "
@@ -558,11 +564,20 @@ class Recipe(StrictModel):
     def data_for(self, stage: SftStage | RlStage) -> DataConfig:
         return stage.data or self.data
 
+    def sources(self) -> list[Source]:
+        """Every source the stages train on, once per name (a name is one source), in order of
+        first use."""
+        by_name: dict[str, Source] = {}
+        for stage in self.stages:
+            for source in self.data_for(stage).sources:
+                by_name.setdefault(source.name, source)
+        return list(by_name.values())
+
     def unresolved_paths(self) -> list[str]:
         """Paths still naming an unset environment variable: fine to validate, not to run."""
         paths = [str(self.model.path)] if self.model.path is not None else []
         for data in [self.data] + [s.data for s in self.stages if s.data is not None]:
-            paths += [s.path for s in data.sources if getattr(s, "path", None)]
+            paths += [p for s in data.sources for p in (getattr(s, "path", None), getattr(s, "held_out", None)) if p]
         return sorted({p for p in paths if "${" in p})
 
     @model_validator(mode="after")

@@ -1,4 +1,4 @@
-"""Markovian RSA (METHODS.md §1-3): recursive self-aggregation with bounded prompts.
+"""Markovian RSA (docs/methods.md): recursive self-aggregation with bounded prompts.
 
 Owns the algorithm as plain logic over a `generate(prompts, n, temperature)` callable and a tokenizer,
 so it runs the same over a `Rollout`, inside a Ray actor, or over a fake in unit tests:

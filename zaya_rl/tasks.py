@@ -7,9 +7,12 @@ solution (the target of SFT) and its difficulty level. Every source has levels (
 rows carry one, or are all level 0), `take(level, count)`, and a position that is its whole
 state, so a checkpoint that stores it resumes on exactly the next task.
 
-Training and held-out problems come from disjoint seed ranges, and a training stream also
-skips any problem whose prompt is in the held-out set: easy levels have few distinct
-problems, so disjoint seeds alone would still repeat some.
+Every source may have a held-out set for evaluation (`held_out_for`): a gym source's come
+from a seed range disjoint from training, and a training stream also skips any problem whose
+prompt is in a held-out set (easy levels have few distinct problems, so disjoint seeds alone
+would still repeat some); a file or code source's are the rows of the file its recipe names
+as `held_out` (HumanEval's 164 problems for HumanEval), which the user keeps apart from the
+training file.
 """
 
 from __future__ import annotations
@@ -108,7 +111,7 @@ class TaskStream:
         self.name = name or generator
         self.seed = seed
         self.exclude = exclude
-        self.levels = list(levels or (CHAIN_SUM_LEVELS if generator == "chain_sum" else [{}]))
+        self.levels = list(levels or default_level_settings(generator))
         self.position: dict[int, int] = dict(position or {})
 
     @property
@@ -249,21 +252,75 @@ def build_source(cfg: Source, seed: int, exclude: frozenset[str] = frozenset()) 
     return RowTasks(cfg.name, file_tasks(cfg) if isinstance(cfg, FileSource) else code_tasks(cfg))
 
 
-def held_out(generator: str, levels: list[int], num_problems: int) -> list[Task]:
-    """A fixed evaluation set, the same for every run: levels interleaved, round robin."""
+def held_out(generator: str, levels: list[int], num_problems: int, level_settings: list[dict] | None = None,
+             name: str | None = None) -> list[Task]:
+    """A reasoning-gym generator's fixed evaluation set, the same for every run (seed region 0,
+    which no training stream draws from): levels interleaved, round robin. `level_settings[i]`
+    is the generator's settings at level i (default: chain_sum's CHAIN_SUM_LEVELS, one level of
+    defaults for the others); `name` the source the tasks belong to (default: the generator)."""
+    settings = level_settings or default_level_settings(generator)
     per_level = -(-num_problems // len(levels))
-    blocks = [_held_out_level(generator, level, per_level) for level in levels]
-    mixed = [t for group in zip(*blocks) for t in group]
-    return mixed[:num_problems]
+    blocks = [_held_out_level(generator, json.dumps(settings[level], sort_keys=True), level, per_level,
+                              name or generator) for level in levels]
+    return _interleaved(blocks, num_problems)
 
 
-def _held_out_level(generator: str, level: int, count: int) -> list[Task]:
-    settings = json.dumps(CHAIN_SUM_LEVELS[level], sort_keys=True)
+def held_out_for(cfg: Source, levels: list[int], num_problems: int) -> list[Task]:
+    """A source's held-out problems at `levels`, at most `num_problems`, the same for every run.
+    A level above the source's top level means its top level. Gym sources: problems from the
+    held-out seed region; file sources: the rows of their `held_out` file; code sources: their
+    `held_out` file, or HumanEval (`held_out: humaneval`, or a `dataset: humaneval` source
+    without one). A source without a held-out set has none: []."""
+    if isinstance(cfg, GymSource):
+        settings = cfg.level_settings()
+        return held_out(cfg.generator, capped_levels(levels, len(settings)), num_problems, settings, cfg.name)
+    if isinstance(cfg, FileSource):
+        if cfg.held_out is None:
+            return []
+        rows = file_tasks(cfg.model_copy(update={"path": cfg.held_out}))
+    elif cfg.held_out == "humaneval":
+        rows = code_tasks(cfg.model_copy(update={"dataset": "humaneval", "path": None}))
+    elif cfg.held_out is not None:
+        rows = code_tasks(cfg.model_copy(update={"dataset": None, "path": cfg.held_out}))
+    elif cfg.dataset == "humaneval":
+        rows = code_tasks(cfg)
+    else:
+        return []
+    by_level: dict[int, list[Task]] = {}
+    for task in rows:
+        by_level.setdefault(task.level, []).append(task)
+    chosen = capped_levels(levels, max(by_level) + 1)
+    return _interleaved([by_level.get(level, []) for level in chosen], num_problems)
+
+
+def held_out_tasks(sources: list[Source], levels: list[int], num_problems: int) -> list[Task]:
+    """The held-out problems of every source (`held_out_for`), one source after another; each
+    task's `source` names its own."""
+    return [task for cfg in sources for task in held_out_for(cfg, levels, num_problems)]
+
+
+def capped_levels(levels: list[int], num_levels: int) -> list[int]:
+    """`levels` on a source with `num_levels` levels: each capped at its top level, once."""
+    return list(dict.fromkeys(min(level, num_levels - 1) for level in levels))
+
+
+def default_level_settings(generator: str) -> list[dict]:
+    """A generator's levels when a recipe gives none: chain_sum's five, one of defaults otherwise."""
+    return list(CHAIN_SUM_LEVELS) if generator == "chain_sum" else [{}]
+
+
+def _interleaved(blocks: list[list[Task]], count: int) -> list[Task]:
+    """Round robin over `blocks` (one per level) until `count` tasks are taken or all are used."""
+    mixed = [block[i] for i in range(max(map(len, blocks), default=0)) for block in blocks if i < len(block)]
+    return mixed[:count]
+
+
+def _held_out_level(generator: str, settings_json: str, level: int, count: int, name: str) -> list[Task]:
     tasks: list[Task] = []
     block = 0
     while len(tasks) < count:
         seed = _dataset_seed(0, level, block)
         size = min(BLOCK, count - len(tasks))
-        tasks.extend(_task(generator, settings, level, seed, i, generator) for i in range(size))
+        tasks.extend(_task(generator, settings_json, level, seed, i, name) for i in range(size))
         block += 1
     return tasks

@@ -27,6 +27,8 @@ def check_run_dir(run_dir: Path, rl_steps: int):
     for stage in summary["stages"].values():
         assert 0.0 <= stage["eval_accuracy"] <= 1.0
         assert stage["eval_sampled"]["n"] == 24
+        # One source: its own accuracy is the whole set's.
+        assert stage["eval_sampled"]["by_source"]["chain_sum"]["accuracy"] == stage["eval_accuracy"]
         assert stage["wall_seconds"] > 0 and stage["generated_tokens_per_second"] > 0
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     sft = [r for r in records if r["stage"] == "warmup" and "loss" in r]
@@ -51,18 +53,54 @@ def check_run_dir(run_dir: Path, rl_steps: int):
     return summary
 
 
-def test_run_through_cli_on_local_ray(tmp_path):
-    run_dir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def mini_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The mini recipe run once through the CLI on a local Ray, with 2 RL steps."""
+    run_dir = tmp_path_factory.mktemp("mini") / "run"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     start = time.time()
     proc = subprocess.run([sys.executable, "-m", "zaya_rl.cli", "run", str(HERE / "mini.yaml"),
                            "--run-dir", str(run_dir), "--set", "stages.rl.steps=2"],
                           capture_output=True, text=True, env=env, timeout=900)
+    print(f"mini recipe through the CLI: {time.time() - start:.0f} s")
+    return run_dir, proc
+
+
+def test_run_through_cli_on_local_ray(mini_run):
+    run_dir, proc = mini_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "held-out acc" in proc.stdout
     check_run_dir(run_dir, rl_steps=2)
     assert "steps: 2\n" in (run_dir / "recipe.resolved.yaml").read_text()
-    print(f"mini recipe through the CLI: {time.time() - start:.0f} s")
+
+
+def test_report_of_a_finished_and_of_a_running_run(mini_run, tmp_path):
+    from PIL import Image
+
+    run_dir, proc = mini_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    plots = ["training", "held_out", "tokens_per_second", "step_time", "expert_load", "curriculum"]
+    report = subprocess.run([sys.executable, "-m", "zaya_rl.cli", "report", str(run_dir)],
+                            capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr[-3000:]
+    page = (run_dir / "report" / "report.html").read_text()
+    for name in plots:
+        with Image.open(run_dir / "report" / f"{name}.png") as image:
+            image.verify()  # a whole PNG, not a truncated file
+            assert image.format == "PNG" and image.width >= 600 and image.height >= 200
+        assert f'<img src="{name}.png"' in page
+    assert "<td>chain_sum</td><td>24</td>" in page  # the held-out table, per source
+
+    # A run still going has no summary.json yet: the plots from metrics.jsonl, and why not the others.
+    running = tmp_path / "running"
+    running.mkdir()
+    shutil.copy(run_dir / "metrics.jsonl", running)
+    report = subprocess.run([sys.executable, "-m", "zaya_rl.cli", "report", str(running)],
+                            capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr[-3000:]
+    drawn = sorted(p.stem for p in (running / "report").glob("*.png"))
+    assert drawn == sorted(set(plots) - {"held_out", "step_time"})
+    assert (running / "report" / "report.html").read_text().count("summary.json is written when the run finishes") == 2
 
 
 @pytest.mark.slow

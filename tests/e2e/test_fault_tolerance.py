@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.chaos import kill_mid_call, records, start_run, steps_of, stop, wait_for_step
 from zaya_rl import checkpoint
-from zaya_rl.chaos import kill_mid_call, records, start_run, steps_of, stop, wait_for_step
 from zaya_rl.models import load_model
 
 RECIPE = Path(__file__).parent / "faults.yaml"

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from zaya_rl import chaos
+from benchmarks import chaos
 
 HERE = Path(__file__).parent
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

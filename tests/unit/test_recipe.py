@@ -148,19 +148,30 @@ def test_cli_refuses_to_run_with_placeholder_paths(tmp_path):
 
 
 def test_shipped_gym_sources_generate_every_level():
-    """The levels a shipped recipe defines are valid settings of their generators, and their
-    answers are numbers (the math verifier scores every non-code source)."""
+    """Every level a shipped recipe defines is a valid setting of its generator: it makes
+    problems at that level, and each problem's gold answer, boxed, earns full reward from the
+    scorer a run uses (the math verifier for chain_sum, the generator's own for the others)."""
+    from rewards.gym import verify_gym
+    from rewards.math import verify
     from zaya_rl.tasks import build_source
 
+    checked = set()
     for path in sorted((ROOT / "recipes").rglob("*.yaml")):
         recipe = load_recipe(path)
-        sources = {s.name: s for data in [recipe.data] + [st.data for st in recipe.stages if st.data]
-                   for s in data.sources if s.kind == "gym"}
-        for cfg in sources.values():
+        for cfg in recipe.sources():
+            if cfg.kind != "gym":
+                continue
             source = build_source(cfg, seed=0)
+            assert source.num_levels == len(cfg.level_settings())
             for level in range(source.num_levels):
-                for task in source.take(level, 3):
-                    float(task.answer.replace("/", ""))
+                tasks = source.take(level, 3)
+                assert [(t.level, t.source) for t in tasks] == [(level, cfg.name)] * 3
+                for task in tasks:
+                    boxed = f"\\boxed{{{task.answer}}}"
+                    verdict = verify_gym(boxed, task.gym) if task.gym else verify(boxed, task.answer)
+                    assert verdict.reward == 1.0, (path.name, cfg.name, level, task.answer, verdict)
+            checked.add(cfg.name)
+    assert {"chain_sum", "maze", "gsm_symbolic", "products"} <= checked
 
 
 BLOCKS = """name: x
@@ -250,6 +261,30 @@ def test_lr_schedule_warms_up_then_decays_by_the_stages_progress():
     assert lr_at(cosine, 50, 0.5) == pytest.approx(0.6)
     assert lr_at(cosine, 100, 1.0) == pytest.approx(0.2)
     assert lr_at(cosine, 100, 1.7) == pytest.approx(0.2)  # a step past max_seconds stays at the floor
+
+
+def test_stage_progress_follows_the_budget_that_binds():
+    from zaya_rl.controller import stage_progress
+
+    # The default warmup: 270 s with steps: 100000 ends by the clock, not at 1% of its steps.
+    assert stage_progress(470, 100000, 135.0, 270.0) == pytest.approx(0.5)
+    assert stage_progress(50, 100, 10.0, 270.0) == pytest.approx(0.5)  # steps bind
+    assert stage_progress(25, 100, 1e6, None) == 0.25
+
+
+def test_held_out_splits_of_file_and_code_sources(tmp_path, monkeypatch):
+    monkeypatch.delenv("ZR_TEST_UNSET", raising=False)
+    base = "name: x\nstages:\n  - {name: a, kind: rl, steps: 1, lr: 0.1}\ndata:\n  sources:\n"
+    recipe = load_recipe(_write(tmp_path, base + (
+        "    - {kind: file, name: m, path: \"${ZR_TEST_UNSET}/m.jsonl\", held_out: \"${ZR_TEST_UNSET}/t.parquet\"}\n"
+        "    - {kind: code, name: c, path: c.jsonl, held_out: humaneval}\n"
+        "    - {kind: code, name: he, dataset: humaneval}\n")))
+    assert [s.held_out for s in recipe.sources()] == ["${ZR_TEST_UNSET}/t.parquet", "humaneval", None]
+    assert recipe.unresolved_paths() == ["${ZR_TEST_UNSET}/m.jsonl", "${ZR_TEST_UNSET}/t.parquet"]
+    for bad in ("{kind: file, name: m, path: m.jsonl, held_out: m.csv}",
+                "{kind: code, name: c, path: c.jsonl, held_out: mbpp}"):
+        with pytest.raises(RecipeError, match="held_out"):
+            load_recipe(_write(tmp_path, base + f"    - {bad}\n"))
 
 
 def test_overrides_give_the_same_recipe_as_a_file_with_those_values(tmp_path):

@@ -166,6 +166,24 @@ def test_evaluation_refuses_to_score_without_a_verifier():
         judge(groups, tasks, DeadVerifier())
 
 
+def test_judge_scores_gym_items_by_their_generator_and_programs_by_their_tests():
+    from rewards.math import MathVerifier
+    from zaya_rl.evaluate import judge
+    from zaya_rl.recipe import CodeSource, GymSource
+    from zaya_rl.tasks import held_out_for
+
+    [words] = held_out_for(GymSource(kind="gym", name="w", generator="word_sorting"), [0], 1)
+    [code] = held_out_for(CodeSource(kind="code", name="he", dataset="humaneval"), [0], 1)
+    groups = [[FakeCompletion([], [], f"\\boxed{{{words.answer}}}", True),
+               FakeCompletion([], [], "\\boxed{zebra}", True)],
+              [FakeCompletion([], [], code.solution, True),
+               FakeCompletion([], [], "```python\ndef nothing():\n    pass\n```", True)]]
+    with MathVerifier() as verifier:
+        (answers, correct), (programs, passed) = judge(groups, [words, code], verifier)
+    assert correct == [True, False] and answers == [words.answer, "zebra"]
+    assert passed == [True, False] and programs[1] == "def nothing():\n    pass"
+
+
 def test_vote_among_shown_candidates_and_copying():
     assert plurality_correctness(["3", "4", "4", "5"], [False, True, True, False]) == 1.0
     assert plurality_correctness(["3", "4", "3", "4"], [True, False, True, False]) == 0.5  # a tie: a coin
@@ -251,3 +269,37 @@ def test_eval_cli_writes_json(tiny_checkpoint, tmp_path):
     assert 0.0 <= report["rounds"][1]["candidate_vote_accuracy"] <= report["pass_at_n"]["round_0"]
     assert 0.0 <= report["rounds"][1]["answer_from_candidates"] <= 1.0
     assert "RSA" in proc.stdout
+
+
+def test_eval_cli_reports_each_source_of_a_recipe(tiny_checkpoint, tmp_path):
+    """`zaya-rl eval --recipe` on a recipe with two sources: chain_sum's held-out set and a
+    file source's held-out file, each read out on its own."""
+    rows = [{"q": f"{i}+{i}=?\n", "a": str(2 * i)} for i in range(3)]
+    (tmp_path / "facts_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "r.yaml").write_text(f"""name: two
+eval: {{num_problems: 4, levels: [1]}}
+rollout: {{max_tokens: 24, rsa: {{population: 4, tails: 2, rounds: 1, tail_tokens: 8}}}}
+data:
+  sources:
+    - {{kind: gym, name: sums, generator: chain_sum}}
+    - {{kind: file, name: facts, path: {tmp_path}/facts.jsonl, held_out: {tmp_path}/facts_test.jsonl,
+       fields: {{prompt: q, answer: a}}}}
+stages:
+  - {{name: rl, kind: rl, steps: 1, lr: 0.1}}
+""")
+    out = tmp_path / "eval.json"
+    cmd = [sys.executable, "-m", "zaya_rl.cli", "eval", "--recipe", str(tmp_path / "r.yaml"),
+           "--checkpoint", str(tiny_checkpoint), "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    by_source = report["by_source"]
+    # chain_sum at level 1; the file's rows are all level 0, its top level, and there are 3.
+    assert {name: r["num_problems"] for name, r in by_source.items()} == {"sums": 4, "facts": 3}
+    assert report["num_problems"] == 7
+    for key in ("single_sample", "majority_vote", "rsa_mean", "matched_majority"):
+        assert all(0.0 <= r[key] <= 1.0 for r in by_source.values())
+        pooled = sum(r[key] * r["num_problems"] for r in by_source.values()) / 7
+        assert report[key]["accuracy"] == pytest.approx(pooled)
+    assert [line.split()[:2] for line in proc.stdout.splitlines() if line.startswith(("sums ", "facts "))] == [
+        ["sums", "4"], ["facts", "3"]]

@@ -5,7 +5,8 @@ import pytest
 
 from rewards.code import verify_code
 from zaya_rl.recipe import CodeFields, CodeSource, FileFields, FileSource, GymSource
-from zaya_rl.tasks import Task, TaskStream, build_source, code_tasks, file_tasks, held_out, render, worked_solution
+from zaya_rl.tasks import (Task, TaskStream, build_source, code_tasks, file_tasks, held_out, held_out_for,
+                           held_out_tasks, render, worked_solution)
 
 
 def test_worked_solution_is_left_to_right():
@@ -121,3 +122,37 @@ def test_gym_source_levels_are_recipe_settings():
     assert source.num_levels == 2 and {t.source for t in easy + hard} == {"arith"}
     assert max(abs(int(t.answer)) for t in easy) < 100 <= max(abs(int(t.answer)) for t in hard)
     assert all("\\boxed{}" in t.prompt for t in easy)
+
+
+def test_every_kind_of_source_has_its_own_held_out_set(tmp_path):
+    gym = GymSource(kind="gym", name="arith", generator="basic_arithmetic", settings={"min_terms": 2, "max_terms": 2},
+                    levels=[{"min_digits": 1, "max_digits": 1}, {"min_digits": 3, "max_digits": 3}])
+    # Level 2 is above this source's top level: it means level 1, once.
+    evals = held_out_for(gym, [0, 2], 10)
+    assert [t.level for t in evals] == [0, 1] * 5 and {t.source for t in evals} == {"arith"}
+    assert evals == held_out_for(gym, [0, 2], 10) and all(t.gym is not None for t in evals)
+    training = build_source(gym, seed=0, exclude=frozenset(t.prompt for t in evals)).take(1, 200)
+    assert not {t.prompt for t in training} & {t.prompt for t in evals}
+
+    rows = [{"prompt": f"q{level}-{i}", "answer": str(i), "level": level} for level in range(2) for i in range(3)]
+    _jsonl(tmp_path / "train.jsonl", rows)
+    _jsonl(tmp_path / "test.jsonl", rows[:2] + rows[3:4])  # level 0: two rows, level 1: one
+    file_cfg = FileSource(kind="file", name="f", path=str(tmp_path / "train.jsonl"), fields=FileFields(level="level"))
+    assert held_out_for(file_cfg, [0, 1], 10) == []  # no held-out file: not evaluated
+    with_split = file_cfg.model_copy(update={"held_out": str(tmp_path / "test.jsonl")})
+    # Round robin over the levels, each row once, however many problems were asked for.
+    assert [t.prompt for t in held_out_for(with_split, [0, 1], 10)] == ["q0-0", "q1-0", "q0-1"]
+    assert [t.prompt for t in held_out_for(with_split, [1], 10)] == ["q1-0"]
+
+    humaneval = CodeSource(kind="code", name="he", dataset="humaneval")
+    assert len(held_out_for(humaneval, [1], 1000)) == 164  # HumanEval pass@1: all of it
+    _jsonl(tmp_path / "c.jsonl", [{"prompt": "def f():\n", "test": "def check(f):\n    assert f() == 1\n",
+                                   "entry_point": "f"}])
+    code = CodeSource(kind="code", name="mine", path=str(tmp_path / "c.jsonl"))
+    assert held_out_for(code, [0], 10) == []
+    assert len(held_out_for(code.model_copy(update={"held_out": "humaneval"}), [0], 20)) == 20
+    [own] = held_out_for(code.model_copy(update={"held_out": str(tmp_path / "c.jsonl")}), [0], 20)
+    assert own.tests.entry_point == "f" and own.source == "mine"
+
+    mixed = held_out_tasks([gym, with_split, code], [0], 4)
+    assert [t.source for t in mixed] == ["arith"] * 4 + ["f"] * 2
