@@ -193,7 +193,8 @@ class Controller:
         replay = any(isinstance(s, RlStage) and s.algorithm.router_replay for s in self.recipe.stages)
         gpu = None if not res.on_gpu else GpuOptions(
             memory_utilization=res.gpu_memory_utilization, tensor_parallel_size=res.tensor_parallel_size,
-            sleep_mode=res.placement == "colocated", learner_devices=tuple(self.learners.devices))
+            sleep_mode=res.placement == "colocated", learner_devices=tuple(self.learners.devices),
+            enforce_eager=res.enforce_eager)
         options = placement.actor_options(self.layout.engines[index], self.placement_group)
         return RolloutWorker.options(name=f"rollout-{index}", runtime_env=threads, **options).remote(
             res.rollout_engine, str(model_path), seed=self.recipe.seed + index,

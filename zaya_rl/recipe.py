@@ -411,6 +411,8 @@ class ResourcesConfig(StrictModel):
         "split gives engines and learners their own GPUs")
     gpu_memory_utilization: float = Field(0.5, gt=0, le=0.95, description="share of a card's memory a "
                                           "vLLM engine takes for weights, activations and KV cache")
+    enforce_eager: bool = Field(False, description="GPU engines without torch.compile and CUDA graphs: they start "
+                                "in seconds instead of about a minute and decode slower")
     verifier_cpus: float = Field(0.5, gt=0, description="CPUs Ray reserves for each verifier actor")
 
     @property

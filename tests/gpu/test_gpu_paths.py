@@ -25,7 +25,9 @@ def start(tmp_path_factory, overrides: list[str] = ()):
     from zaya_rl.controller import Controller
     from zaya_rl.recipe import load_recipe
 
-    return Controller(load_recipe(HERE / "mini_gpu.yaml", list(overrides)), tmp_path_factory.mktemp("gpu") / "run")
+    # Eager engines: these tests check placement, memory and weights, not decoding speed.
+    recipe = load_recipe(HERE / "mini_gpu.yaml", ["resources.enforce_eager=true", *overrides])
+    return Controller(recipe, tmp_path_factory.mktemp("gpu") / "run")
 
 
 @pytest.fixture(scope="module")
