@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from workers.learner import Learner, Sequence, free_port
-from workers.rollout import Rollout
+from workers.rollout import RolloutWorker
 from zaya_rl.models import chat_prompt, load_tokenizer, train_tokenizer
 from zaya_rl.recipe import AlgorithmConfig, DeepSpeedConfig
 from zaya_rl.tasks import TaskStream
@@ -40,13 +40,14 @@ def test_the_chat_template_wraps_a_prompt_and_a_plain_tokenizer_leaves_it(dense_
     assert chat_prompt(load_tokenizer(tiny_checkpoint), "1 + 2 =") == "1 + 2 ="
 
 
-def test_a_dense_checkpoint_trains_serves_and_syncs(dense_checkpoint):
+def test_a_dense_checkpoint_trains_serves_and_syncs(dense_checkpoint, ray_local):
     tokenizer = load_tokenizer(dense_checkpoint)
     learner = Learner(str(dense_checkpoint), DeepSpeedConfig(zero_stage=2), master_port=free_port(), torch_threads=2)
-    rollout = Rollout("vllm", str(dense_checkpoint), seed=0, max_model_len=256, torch_threads=2)
+    # In its own process: vLLM's parallel state is per process, set up for the first model it serves.
+    rollout = RolloutWorker.remote("vllm", str(dense_checkpoint), seed=0, max_model_len=256, torch_threads=2)
     prompts = [t.prompt for t in TaskStream("chain_sum", 3).take(1, 4)]
 
-    groups = rollout.generate(prompts, 2, 1.0, 16)
+    groups = ray_local.get(rollout.generate.remote(prompts, 2, 1.0, 16))
     wrapped = tokenizer(chat_prompt(tokenizer, prompts[0]), add_special_tokens=False)["input_ids"]
     assert groups[0][0].prompt_ids == wrapped  # the engine saw the templated prompt
 
@@ -58,8 +59,9 @@ def test_a_dense_checkpoint_trains_serves_and_syncs(dense_checkpoint):
     assert stats["expert_load"] == [] and stats["router_aux_loss"] == 0.0
     assert stats["mean_abs_logprob_diff"] > 1e-3  # the SFT step moved the learner away from the engine
 
-    rollout.load_weights(learner.state_dict(), version=1)
-    synced = rollout.generate(prompts, 2, 1.0, 16)
+    ray_local.get(rollout.load_weights.remote(learner.state_dict(), 1))
+    synced = ray_local.get(rollout.generate.remote(prompts, 2, 1.0, 16))
+    ray_local.kill(rollout)
     batch = [Sequence(c.prompt_ids, c.token_ids, old_logprobs=c.logprobs) for group in synced for c in group
              if c.token_ids]
     learned = learner.logprobs(batch)
