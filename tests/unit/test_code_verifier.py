@@ -52,7 +52,7 @@ def test_stdio_passes_with_whitespace_normalised():
         ("def add(a, b):\n    return add(a, b)\n", ADD_CALLS, CodeVerdict(False, 0.0, "recursion limit on test 1")),
         ("def add(a, b):\n    return 1 / 0\n", ADD_CALLS, CodeVerdict(False, 0.0, "runtime error: ZeroDivisionError: division by zero on test 1")),
         ("raise ValueError('at import')\n", ADD_CALLS, CodeVerdict(False, 0.0, "runtime error: ValueError: at import")),
-        ("def other(a, b):\n    return a + b\n", ADD_CALLS, CodeVerdict(False, 0.0, "runtime error: KeyError: 'add' on test 1")),
+        ("def other(a, b):\n    return a + b\n", ADD_CALLS, CodeVerdict(False, 0.0, "runtime error: NameError: name 'add' is not defined on test 1")),
     ],
 )
 def test_failure_reasons(program, tests, verdict):
