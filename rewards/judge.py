@@ -289,6 +289,7 @@ def _run_test(call, want, seconds: float) -> tuple[str, str]:
     try:
         with _time_limit(seconds):
             got = call()
+            passed = want is _NO_EXPECTATION or same(got, want)
     except _Timeout:
         return "timeout", ""
     except ProgramEnded:
@@ -305,7 +306,7 @@ def _run_test(call, want, seconds: float) -> tuple[str, str]:
         if type(e) is NameError and not getattr(e, "raised_by_program", False):
             return "test_error", f"the test uses a name it does not define: {e}"
         return "error", ": ".join(describe(e))
-    return ("pass", "") if want is _NO_EXPECTATION or same(got, want) else ("wrong", "")
+    return ("pass", "") if passed else ("wrong", "")
 
 
 def main() -> None:
@@ -353,6 +354,8 @@ def main() -> None:
             exec(compile(config["test"], "test.py", "exec"), namespace)
         except BaseException as e:  # noqa: BLE001 -- the task's code is broken
             return report(event="test", number=1, outcome="test_error", detail=": ".join(describe(e)))
+        if not callable(namespace.get("check")):
+            return report(event="test", number=1, outcome="test_error", detail="the test defines no check(candidate)")
         tests = [(1, lambda: namespace["check"](candidate), _NO_EXPECTATION)]
     else:
         function = config["function"]

@@ -87,5 +87,15 @@ def test_gaming_the_harness_fails(program):
     assert not verdict.passed and verdict.fraction == 0.0, verdict
 
 
+def test_a_broken_test_is_an_error_of_the_verifier():
+    program = "def add(a, b):\n    return a + b\n"
+    no_check = AssertTests("def test_add(candidate):\n    assert candidate(1, 2) == 3\n", "add")
+    assert verify_code(program, no_check, LIMITS) == CodeVerdict(False, 0.0, "error: the test defines no check(candidate) on test 1")
+    passes_a_function = AssertTests("def check(candidate):\n    assert candidate(len, 2) == 3\n", "add")
+    assert verify_code(program, passes_a_function, LIMITS) == CodeVerdict(
+        False, 0.0, "error: the test passes the program a value that cannot cross: a builtin_function_or_method "
+                    "is not plain data (None, bool, int, float, str, bytes, list, tuple, set, frozenset, dict) on test 1")
+
+
 def test_no_tests_is_an_error():
     assert verify_code("x = 1", StdioTests([]), LIMITS) == CodeVerdict(False, 0.0, "error: no tests")

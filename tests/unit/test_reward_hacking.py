@@ -180,6 +180,10 @@ ATTACKS = {
     "returns a deeply nested list": (
         "def add(a, b):\n    x = []\n    for _ in range(10**5):\n        x = [x]\n    return x\n"
     ),
+    "nests just under the judge's recursion limit": (  # JSON decodes it; rebuilding it overflows
+        "import sys\nsys.setrecursionlimit(10**5)\n"
+        "def add(a, b):\n    x = 3\n    for _ in range(975):\n        x = [x]\n    return x\n"
+    ),
     "writes a deeply nested answer by hand": (
         "import os\n"
         "def add(a, b):\n"
@@ -198,6 +202,7 @@ REASONS = {
     "answers out of step": "invalid answer: not an answer to call 1 on test 1",
     "returns a huge answer": "output limit exceeded on test 1",
     "writes a deeply nested answer by hand": "invalid answer: not JSON (RecursionError) on test 1",
+    "nests just under the judge's recursion limit": "invalid answer: the value is not plain data (RecursionError) on test 1",
 }
 
 
