@@ -19,7 +19,7 @@ from ray.util import metrics
 
 from rewards.code import CodeTests, CodeVerdict, verify_code
 from rewards.math import FORMATS, MathVerifier, Verdict, extract_answer
-from rewards.sandbox import Limits, remove_stale_dirs
+from rewards.sandbox import Limits, isolation, remove_stale_dirs
 
 if TYPE_CHECKING:
     from rewards.gym import GymRef
@@ -41,6 +41,10 @@ class Verifier:
 
     def ping(self) -> bool:
         return True
+
+    def isolation(self) -> dict:
+        """What the code sandbox gets on this actor's node (rewards/sandbox.py)."""
+        return isolation()
 
 
 # max_task_retries=0: the pool decides about retries, so a chunk that kills its actor is not
@@ -174,6 +178,10 @@ class VerifierPool:
             "seconds": self.seconds,
             "items_per_second": self.num_verified / self.seconds if self.seconds else 0.0,
         }
+
+    def isolation(self) -> dict:
+        """The code sandbox's isolation, as the first actor's node gives it."""
+        return ray.get(self.actors[0].isolation.remote())
 
     def shutdown(self) -> None:
         """Kill the actors (for good: no restart)."""

@@ -184,6 +184,9 @@ class Controller:
         ray.get([w.version.remote() for w in self.rollouts])
         self._start_learners(resumed)
         self.verifiers = VerifierPool(res.num_verifiers, num_cpus=res.verifier_cpus)
+        # Said at start, and kept in summary.json: how well code under test is walled off here.
+        self.summary["sandbox"] = self.verifiers.isolation()
+        print(f"zaya-rl: code sandbox: {self.summary['sandbox']['summary']}")
         self.weights_version = 0
 
     def _start_rollout(self, index: int, model_path: Path):
