@@ -346,10 +346,16 @@ def main() -> None:
         namespace = {"__name__": "test"}
         try:
             # The task's prompt first: the helpers a test calls (HumanEval's `poly`,
-            # `encode_cyclic`) come from the task, not from the program. The entry point's
-            # name is the program's function, as where the test runs after the program
-            # (HumanEval/33 calls `sort_third` by name).
-            exec(compile(config["prompt"], "prompt.py", "exec"), namespace)
+            # `encode_cyclic`) come from the task, not from the program. A prompt that is no
+            # program by itself (a bare signature, `def inc(x):`) defines none. The entry
+            # point's name is the program's function, as where the test runs after the
+            # program (HumanEval/33 calls `sort_third` by name).
+            try:
+                prompt = compile(config["prompt"], "prompt.py", "exec")
+            except SyntaxError:
+                prompt = None
+            if prompt is not None:
+                exec(prompt, namespace)
             namespace[entry_point] = candidate
             exec(compile(config["test"], "test.py", "exec"), namespace)
         except BaseException as e:  # noqa: BLE001 -- the task's code is broken
