@@ -104,6 +104,16 @@ class Position:
     generated_tokens: int = 0
 
 
+@dataclass
+class InFlight:
+    """A batch of prompts the engines are sampling and nobody has collected yet."""
+
+    tasks: list[Task]
+    num_plain: int  # tasks[:num_plain] come from the curriculum, the rest are aggregation prompts
+    version: int  # the weights the engines held when it was sent
+    refs: list[ray.ObjectRef]  # each engine's chunk of groups
+
+
 class Controller:
     def __init__(self, recipe: Recipe, run_dir: Path | None = None, resume: bool = False,
                  start_stage: str | None = None, init_from: Path | None = None):
@@ -140,6 +150,11 @@ class Controller:
         self.sources = {source.name: build_source(source, recipe.seed, exclude) for source in source_configs}
         self.curriculum_state: dict | None = None
         self.recent_rollouts: deque[tuple[Task, list[Completion]]] = deque(maxlen=256)
+        # Asynchronous RL: batches sent to the engines ahead of the learner; a resumed run sends
+        # the ones its checkpoint had in flight first.
+        self.in_flight: deque[InFlight] = deque()
+        self.resend: list[tuple[list[Task], int]] = []
+        self.dropped_batches = 0
         self.rng = random.Random(recipe.seed)
         if resumed is None:
             if resume:
@@ -254,6 +269,10 @@ class Controller:
             "curriculum": self.curriculum_state, "summary": self.summary,
             "metrics_records": self.metrics.num_records,
             "random": {"python": self.rng.getstate(), "torch": torch.get_rng_state().tolist()},
+            # Drawn from the data, not yet trained on: a resumed run samples them first.
+            "in_flight": [{"tasks": [t.to_dict() for t in tasks], "num_plain": num_plain}
+                          for tasks, num_plain in self.resend + [(b.tasks, b.num_plain) for b in self.in_flight]],
+            "dropped_batches": self.dropped_batches,
         }
 
         def fill(tmp: Path) -> None:
@@ -279,6 +298,9 @@ class Controller:
         py_state = state["random"]["python"]
         self.rng.setstate((py_state[0], tuple(py_state[1]), py_state[2]))
         torch.set_rng_state(torch.tensor(state["random"]["torch"], dtype=torch.uint8))
+        self.in_flight.clear()
+        self.resend = [([Task.from_dict(t) for t in b["tasks"]], b["num_plain"]) for b in state.get("in_flight", [])]
+        self.dropped_batches = state.get("dropped_batches", 0)
         return path / "model"
 
     def _recover(self, error: Exception) -> None:
@@ -291,6 +313,8 @@ class Controller:
         recoveries = self.summary["recoveries"]
         if resumed is None:
             self.position, self.curriculum_state = Position(), None
+            self.in_flight.clear()
+            self.resend = []
             for source in self.sources.values():
                 source.restore({"position": {}})
             self.summary = {**self.summary, "stages": {}}
@@ -391,6 +415,11 @@ class Controller:
         if isinstance(stage, RlStage):
             result["final_level"] = curriculum.level
             result["sources"] = curriculum.metrics()
+            # Batches sent ahead for steps this stage does not have: nobody trains on them.
+            self.in_flight.clear()
+            self.resend = []
+            result["staleness_histogram"] = self._staleness_histogram(stage.name)
+            result["dropped_batches"] = self.dropped_batches
         if stage.eval_at_end:
             self.sync_weights()
             result.update(self.evaluate(stage.eval))
@@ -402,6 +431,17 @@ class Controller:
         self.position = Position(stage_index=pos.stage_index + 1, global_step=pos.global_step)
         self.curriculum_state = None
         self.save_checkpoint()
+
+    def _staleness_histogram(self, stage_name: str) -> dict[str, int]:
+        """How many of the stage's steps trained on a batch of each staleness (from metrics.jsonl,
+        which a resumed run rewinds to its checkpoint: every step counted once)."""
+        counts: dict[str, int] = {}
+        with self.metrics.path.open() as records:
+            for line in records:
+                record = json.loads(line)
+                if record["stage"] == stage_name and "staleness" in record:
+                    counts[str(record["staleness"])] = counts.get(str(record["staleness"]), 0) + 1
+        return dict(sorted(counts.items()))
 
     def _curriculum(self, stage: SftStage | RlStage) -> AdaptiveCurriculum:
         """The stage's mixture over its sources; an sft stage only mixes (fixed levels)."""
@@ -522,29 +562,33 @@ class Controller:
             "reward": seen["correct"], "level": curriculum.level, "pass_rate": curriculum.pass_rate(),
             "kept_groups": len(groups), "sampled_groups": seen["groups"], "response_tokens": seen["tokens"],
             "aggregation_prompts": seen["aggregated"], "sources": curriculum.metrics(),
+            "staleness": seen["staleness"], "dropped_batches": self.dropped_batches, "tasks": seen["tasks"],
             **{f"verifier_{k}": v for k, v in self.verifiers.stats().items()},  # totals: deaths, timeouts
             "lr": lr, **stats,  # the learner's numbers and expert_load
         }
 
     def sample_groups(self, stage: RlStage, curriculum: AdaptiveCurriculum, times: StageTimes):
-        """Generate and score groups of samples. With dynamic sampling (DAPO) only groups whose
-        rewards differ are kept, and new prompts are drawn, up to `max_sampling_rounds` rounds,
-        until `prompts_per_step` groups are kept. Returns the kept groups, their (shaped)
-        rewards (groups, group_size), and what was seen: mean correctness, groups sampled,
-        mean length, aggregation prompts.
+        """Generated and scored groups of samples: the oldest batch in flight (`next_rollouts`).
+        With dynamic sampling (DAPO) only groups whose rewards differ are kept, and new prompts
+        are drawn and sampled now, up to `max_sampling_rounds` rounds, until `prompts_per_step`
+        groups are kept. Returns the kept groups, their (shaped) rewards (groups, group_size),
+        and what was seen: mean correctness, groups sampled, mean length, aggregation prompts,
+        the first batch's staleness (optimizer steps between its weights and the learner's).
         """
         cfg, rollout = stage.algorithm, stage.rollout
         kept_groups: list[list[Completion]] = []
         kept_rewards: list[torch.Tensor] = []
         correct_sum, num_samples, num_tokens, num_aggregated = 0.0, 0, 0, 0
-        for _ in range(cfg.max_sampling_rounds):
-            need = stage.prompts_per_step - len(kept_groups)
-            aggregated = self.aggregation_tasks(stage, round(stage.aggregation_share * need))
-            plain = curriculum.next_batch(need - len(aggregated))
-            tasks = plain + aggregated
-            num_aggregated += len(aggregated)
-            groups = self.generate([t.prompt for t in tasks], rollout.group_size, rollout.temperature,
-                                   rollout.max_tokens, times)
+        for sampling_round in range(cfg.max_sampling_rounds):
+            if sampling_round == 0:
+                sent, groups, staleness = self.next_rollouts(stage, curriculum, times)
+                tasks, num_plain = sent.tasks, sent.num_plain
+            else:
+                tasks, num_plain = self.draw_tasks(stage, curriculum, stage.prompts_per_step - len(kept_groups))
+                groups = self.generate([t.prompt for t in tasks], rollout.group_size, rollout.temperature,
+                                       rollout.max_tokens, times)
+            plain = tasks[:num_plain]
+            num_aggregated += len(tasks) - num_plain
             flat = [c for group in groups for c in group]
             with Timer(times, "verify"):
                 correct = self.score_tasks([t for t in tasks for _ in range(rollout.group_size)],
@@ -564,8 +608,55 @@ class Controller:
                 break
         rewards = torch.stack(kept_rewards) if kept_rewards else torch.zeros(0, rollout.group_size)
         seen = {"correct": correct_sum / num_samples, "groups": num_samples // rollout.group_size,
-                "tokens": num_tokens / num_samples, "aggregated": num_aggregated}
+                "tokens": num_tokens / num_samples, "aggregated": num_aggregated, "staleness": staleness,
+                "tasks": [t.uid for t in sent.tasks]}
         return kept_groups, rewards, seen
+
+    def draw_tasks(self, stage: RlStage, curriculum: AdaptiveCurriculum, count: int) -> tuple[list[Task], int]:
+        """`count` prompts: the stage's share of aggregation prompts over recent rollouts, the
+        rest from the curriculum (first, and how many)."""
+        aggregated = self.aggregation_tasks(stage, round(stage.aggregation_share * count))
+        plain = curriculum.next_batch(count - len(aggregated))
+        return plain + aggregated, len(plain)
+
+    def next_rollouts(self, stage: RlStage, curriculum: AdaptiveCurriculum,
+                      times: StageTimes) -> tuple[InFlight, list[list[Completion]], int]:
+        """The oldest batch in flight, its groups and its staleness, once the engines have
+        `max_off_policy_steps` + 1 batches (bound 0: one, sent now with the current weights:
+        the synchronous loop). While the learner trains on this one the engines sample the next,
+        with the weights they hold; a batch whose weights are older than the bound is dropped
+        and counted, never trained on."""
+        bound = stage.algorithm.max_off_policy_steps
+        while True:
+            while len(self.in_flight) <= bound:
+                self.in_flight.append(self._send_batch(stage, curriculum))
+            sent = self.in_flight.popleft()
+            staleness = self.weights_version - sent.version
+            if staleness <= bound:
+                break
+            self.dropped_batches += 1
+        with Timer(times, "generate"):  # the wait for it: the rest overlapped the learner
+            groups = self._collect(sent, stage)
+        times.generated_tokens += sum(len(c.token_ids) for group in groups for c in group)
+        return sent, groups, self.weights_version - sent.version
+
+    def _send_batch(self, stage: RlStage, curriculum: AdaptiveCurriculum) -> InFlight:
+        tasks, num_plain = self.resend.pop(0) if self.resend else self.draw_tasks(stage, curriculum,
+                                                                                   stage.prompts_per_step)
+        rollout = stage.rollout
+        refs = self._send([t.prompt for t in tasks], rollout.group_size, rollout.temperature, rollout.max_tokens)
+        return InFlight(tasks, num_plain, self.weights_version, refs)
+
+    def _collect(self, sent: InFlight, stage: RlStage) -> list[list[Completion]]:
+        """A sent batch's groups. An engine that Ray restarted while sampling it sampled with its
+        initial weights: the batch is then sampled again, now, with the current weights."""
+        groups = [group for chunk in ray.get(sent.refs) for group in chunk]
+        if all(v >= sent.version for v in ray.get([w.version.remote() for w in self.rollouts])):
+            return groups
+        sent.version = self.weights_version
+        rollout = stage.rollout
+        return self._generate([t.prompt for t in sent.tasks], rollout.group_size, rollout.temperature,
+                              rollout.max_tokens, None)
 
     def aggregation_tasks(self, stage: RlStage, count: int) -> list[Task]:
         """Self-aggregation (docs/methods.md, "Training for aggregation"): the same task, prompted
@@ -597,25 +688,29 @@ class Controller:
 
     def _generate(self, prompts: list[str], n: int, temperature: float, max_tokens: int,
                   seed: int | None) -> list[list[Completion]]:
-        """Fan prompts out over the rollout workers in contiguous chunks; gather in order.
+        """`_send` and gather in order.
 
         A worker that Ray restarted mid-call reran it on the initial weights: such a batch is
         thrown away, the current weights pushed again, and the batch generated anew.
         """
-        workers = self.rollouts
-        size = -(-len(prompts) // len(workers))
         while True:
             start = time.perf_counter()
-            refs = [w.generate.remote(prompts[i * size:(i + 1) * size], n, temperature, max_tokens, seed)
-                    for i, w in enumerate(workers) if prompts[i * size:(i + 1) * size]]
-            groups = [group for chunk in ray.get(refs) for group in chunk]
-            if all(v == self.weights_version for v in ray.get([w.version.remote() for w in workers])):
+            groups = [group for chunk in ray.get(self._send(prompts, n, temperature, max_tokens, seed))
+                      for group in chunk]
+            if all(v == self.weights_version for v in ray.get([w.version.remote() for w in self.rollouts])):
                 return groups
             self.sync_weights()
             event = {"error": "a rollout worker restarted (Ray) and generated on stale weights",
                      "recovery_seconds": time.perf_counter() - start}
             self.metrics.log("_recovery", self.position.global_step, event)
             print(f"zaya-rl: {event['error']}; weights pushed again, generating the batch again")
+
+    def _send(self, prompts: list[str], n: int, temperature: float, max_tokens: int,
+              seed: int | None = None) -> list[ray.ObjectRef]:
+        """Fan prompts out over the rollout workers in contiguous chunks, without waiting."""
+        size = -(-len(prompts) // len(self.rollouts))
+        return [w.generate.remote(prompts[i * size:(i + 1) * size], n, temperature, max_tokens, seed)
+                for i, w in enumerate(self.rollouts) if prompts[i * size:(i + 1) * size]]
 
     def sync_weights(self) -> None:
         """The learner's weights into every engine: through the object store on the CPU; on
