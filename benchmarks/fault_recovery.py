@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.chaos import kill_mid_call, records, start_run, stop, wait_for_step
+from benchmarks.chaos import records, signal_mid_call, start_run, stop, wait_for_step
 
 FAULTS = {  # name: (actor class, method), or None for the driver
     "rollout worker, mid-generate": ("RolloutWorker", "generate"),
@@ -45,7 +45,7 @@ def measure(recipe: Path, run_dir: Path, target) -> dict:
             done_before = len(rl_times(run_dir))
             proc = start_run(recipe, run_dir, "--resume")
         else:
-            kill_mid_call(*target)
+            signal_mid_call(*target, signal.SIGKILL, proc.pid)
             killed = time.time()
             done_before = len(rl_times(run_dir))
         if proc.wait(timeout=1800) != 0:

@@ -18,11 +18,12 @@ from pathlib import Path
 import ray
 import torch
 
-from workers.learner import LearnerGroup, Sequence
+from workers.learner import LearnerGroup, Sequence, weight_bytes
 from workers.rollout import Completion, GpuOptions, RolloutWorker
 from workers.verifier import VerifierPool
 from zaya_rl import algorithms, checkpoint, placement, rsa
 from zaya_rl.curriculum import AdaptiveCurriculum
+from zaya_rl.deadlines import Deadlines, Hung, wait
 from zaya_rl.metrics import MetricsSink
 from zaya_rl.models import build_checkpoint, chat_prompt, context_length, load_tokenizer
 from zaya_rl.recipe import CurriculumConfig, EvalConfig, Recipe, RlStage, SftStage, StageBase, dump_recipe
@@ -92,6 +93,12 @@ def accuracy_with_interval(correct: list[bool]) -> dict:
     return {"accuracy": p, "ci95": [centre - half, centre + half], "n": n}
 
 
+# What the run did about a fault, in its recovery records; a run restores its newest checkpoint
+# at most checkpoint.max_recoveries times.
+RESTORED = "restored the newest checkpoint"
+CALLED_AGAIN = "Ray restarted it; weights pushed, the call made again"
+
+
 @dataclass
 class Position:
     """Where a run is: the next step of the current stage, and what that stage has spent."""
@@ -117,6 +124,7 @@ class Controller:
             checkpoint.resumable_state(resumed, recipe)
         (self.run_dir / checkpoint.RECIPE).write_text(dump_recipe(recipe))
         init_ray()
+        self.nodes = alive_nodes()
         # Before anything else starts: a placement the cluster cannot hold is refused here.
         self.placement_group = placement.reserve(recipe.resources)
         self.layout = placement.plan(recipe.resources)
@@ -154,6 +162,7 @@ class Controller:
             if start_stage is not None:
                 self.position.stage_index = [s.name for s in recipe.stages].index(start_stage)
         self.tokenizer = load_tokenizer(self.model_path)
+        self.deadlines = Deadlines(recipe.timeouts, weight_bytes(self.model_path))
         self._start_workers(self.model_path, resumed)
 
     def _archive_earlier_run(self) -> None:
@@ -181,9 +190,9 @@ class Controller:
         self._place_learners(model_path)
         self.rollouts = [self._start_rollout(i, model_path) for i in range(res.num_rollout_workers)]
         # Engines first: a colocated vLLM sizes its KV cache from the card's free memory.
-        ray.get([w.version.remote() for w in self.rollouts])
+        wait([w.version.remote() for w in self.rollouts], self.deadlines.start, "RolloutWorker.version", self.rollouts)
         self._start_learners(resumed)
-        self.verifiers = VerifierPool(res.num_verifiers, num_cpus=res.verifier_cpus)
+        self.verifiers = VerifierPool(res.num_verifiers, num_cpus=res.verifier_cpus, timeouts=self.recipe.timeouts)
         self.weights_version = 0
 
     def _start_rollout(self, index: int, model_path: Path):
@@ -195,7 +204,8 @@ class Controller:
             memory_utilization=res.gpu_memory_utilization, tensor_parallel_size=res.tensor_parallel_size,
             sleep_mode=res.placement == "colocated", learner_devices=tuple(self.learners.devices),
             enforce_eager=res.enforce_eager)
-        options = placement.actor_options(self.layout.engines[index], self.placement_group)
+        options = (placement.actor_options(self.layout.engines[index], self.placement_group)
+                   if self.placement_group is not None else placement.SPREAD)
         return RolloutWorker.options(name=f"rollout-{index}", runtime_env=threads, **options).remote(
             res.rollout_engine, str(model_path), seed=self.recipe.seed + index,
             max_model_len=context_length(model_path), torch_threads=res.torch_threads,
@@ -215,14 +225,16 @@ class Controller:
         res = self.recipe.resources
         self.learners = LearnerGroup(res.num_learner_workers, str(model_path), self.recipe.deepspeed,
                                      torch_threads=res.torch_threads, seed=self.recipe.seed,
-                                     group=self.placement_group, slots=self.layout.learners, start=False)
+                                     group=self.placement_group, slots=self.layout.learners, start=False,
+                                     timeouts=self.recipe.timeouts)
 
     def _start_learners(self, resumed: Path | None) -> None:
         """Start the placed learners, and join them to the engines for weight sync."""
         self.learners.start()
         if resumed is not None:
             self.learners.load_state(str(resumed / "optimizer"))
-        transports = set(ray.get([w.weight_transfer.remote() for w in self.rollouts]))
+        transports = set(wait([w.weight_transfer.remote() for w in self.rollouts], self.deadlines.small,
+                              "RolloutWorker.weight_transfer", self.rollouts))
         if len(transports) > 1:
             raise placement.PlacementError(f"some engines share cards with learners and others do not "
                                            f"({sorted(transports)}): place them all alike")
@@ -232,12 +244,15 @@ class Controller:
 
     def _join_weight_broadcast(self) -> None:
         """One NCCL group: learner rank 0 is rank 0, each engine's tensor-parallel workers follow."""
-        address, port = ray.get(self.learners.workers[0].address.remote())
+        rank0 = self.learners.workers[0]
+        address, port = wait([rank0.address.remote()], self.deadlines.small, "LearnerWorker.address", [rank0])[0]
         tp = self.recipe.resources.tensor_parallel_size
         world = 1 + tp * len(self.rollouts)
         joins = [w.init_weight_broadcast.remote(address, port, 1 + i * tp, world) for i, w in enumerate(self.rollouts)]
-        ray.get([self.learners.workers[0].init_weight_broadcast.remote(address, port, world)] + joins)
-        self.weight_metadata = ray.get(self.learners.workers[0].weight_metadata.remote(self.weight_dtype))
+        wait([rank0.init_weight_broadcast.remote(address, port, world)] + joins, self.deadlines.start,
+             "init_weight_broadcast", [rank0] + self.rollouts)
+        self.weight_metadata = wait([rank0.weight_metadata.remote(self.weight_dtype)], self.deadlines.small,
+                                    "LearnerWorker.weight_metadata", [rank0])[0]
 
     @property
     def weight_dtype(self) -> torch.dtype:
@@ -279,10 +294,15 @@ class Controller:
         return path / "model"
 
     def _recover(self, error: Exception) -> None:
-        """An actor Ray could not replace died (a learner, or a rollout worker out of restarts):
-        restart the learners from the newest checkpoint, replace dead rollout workers, push
-        the restored weights to every engine and continue from the checkpoint's position."""
-        start = time.perf_counter()
+        """An actor Ray could not replace died or hung (a learner; a rollout worker out of restarts
+        or not back within a start's deadline): restart the learners from the newest checkpoint,
+        replace rollout workers that are dead or do not answer, push the restored weights to
+        every engine and continue from the checkpoint's position."""
+        start, detected = time.perf_counter(), time.time()
+        fault = self._fault_of(error)
+        if isinstance(error, Hung):
+            for actor in error.actors:
+                ray.kill(actor, no_restart=True)
         self.learners.shutdown()
         resumed = checkpoint.latest(self.run_dir)
         recoveries = self.summary["recoveries"]
@@ -299,18 +319,92 @@ class Controller:
         self._place_learners(model_path)
         for index, worker in enumerate(self.rollouts):
             try:
-                ray.get(worker.version.remote())
-            except ray.exceptions.RayActorError:
+                self._await_rollout(worker)
+            except (ray.exceptions.ActorDiedError, Hung):
+                ray.kill(worker, no_restart=True)
                 self.rollouts[index] = self._start_rollout(index, model_path)
-        ray.get([w.version.remote() for w in self.rollouts])
+        wait([w.version.remote() for w in self.rollouts], self.deadlines.start, "RolloutWorker.version", self.rollouts)
         self._start_learners(resumed)
         self.sync_weights()
-        event = {"error": f"{type(error).__name__}: {str(error)[:300]}", "checkpoint": str(resumed),
-                 "resumed_at_global_step": self.position.global_step,
-                 "recovery_seconds": time.perf_counter() - start}
-        recoveries.append(event)
+        self._record_recovery({**fault, "error": f"{type(error).__name__}: {str(error)[:300]}", "action": RESTORED,
+                               "checkpoint": str(resumed), "resumed_at_global_step": self.position.global_step,
+                               "detected_at": detected, "recovery_seconds": time.perf_counter() - start})
+
+    def _fault_of(self, error: Exception) -> dict:
+        """Which role and actors an error of a call is about, and what happened to them."""
+        if isinstance(error, Hung):
+            actors = error.actors
+            fault = {"fault": "hung", "call": error.call, "deadline_seconds": error.seconds}
+        else:
+            actors = [a for a in self.learners.workers + self.rollouts if a._actor_id.hex() == error.actor_id]
+            fault = {"fault": "unavailable" if isinstance(error, ray.exceptions.ActorUnavailableError) else "died"}
+        names = [f"learner-{self.learners.workers.index(a)}" if a in self.learners.workers
+                 else f"rollout-{self.rollouts.index(a)}" for a in actors]
+        return {"role": names[0].split("-")[0] if names else "unknown", **fault, "actors": names}
+
+    def _record_recovery(self, event: dict) -> None:
+        """A fault and what the run did about it: in summary.json's recoveries and as a
+        `_recovery` record of metrics.jsonl (after any node the cluster lost meanwhile)."""
+        self._check_nodes()
+        self._log_event(event)
+
+    def _log_event(self, event: dict) -> None:
+        self.summary["recoveries"].append(event)
         self.metrics.log("_recovery", self.position.global_step, event)
-        print(f"zaya-rl: recovered from {event['error'][:120]} in {event['recovery_seconds']:.1f} s")
+        who = " ".join(event.get("actors", [])) or f"{event['role']} {event.get('node', '')}".rstrip()
+        during = f" during {event['call']}" if event.get("call") else ""
+        print(f"zaya-rl: {who} {event['fault']}{during}: {event['action']}")
+
+    def _check_nodes(self) -> None:
+        """Record each node that left the cluster since the last look; the faults of its actors
+        are recorded when the calls on them fail."""
+        alive = alive_nodes()
+        lost = [self.nodes[node_id] for node_id in self.nodes.keys() - alive.keys()]
+        self.nodes = alive
+        for node in lost:
+            self._log_event({"role": "node", "fault": "lost", "node": node["NodeID"],
+                             "address": node["NodeManagerAddress"], "resources": node["Resources"],
+                             "detected_at": time.time(), "action": "its workers restart on the other nodes"})
+
+    def _wait_rollouts(self, refs: list, workers: list, seconds: float, method: str) -> list | None:
+        """The answers of calls on rollout workers (refs[i] on workers[i]), or None when a worker
+        failed: it died, became unavailable (Ray restarts it, or cannot reach its node), or
+        missed the deadline (hung: killed here, so that Ray restarts it as if it had died).
+        None comes once every failed worker answers again, the event recorded; restarted
+        workers hold the initial weights, so the caller pushes the weights and makes the call
+        again."""
+        call, deadline = f"RolloutWorker.{method}", {}
+        try:
+            return wait(refs, seconds, call, workers)
+        except Hung as hang:
+            failed, what, deadline = hang.actors, "hung", {"deadline_seconds": hang.seconds}
+            for worker in failed:
+                ray.kill(worker, no_restart=False)
+        except ray.exceptions.RayActorError as error:
+            # Ray's error names the actor by ID (ActorHandle keeps it as _actor_id).
+            failed = [w for w in workers if w._actor_id.hex() == error.actor_id] or workers
+            what = "unavailable" if isinstance(error, ray.exceptions.ActorUnavailableError) else "died"
+        start, detected = time.perf_counter(), time.time()
+        for worker in failed:
+            self._await_rollout(worker)
+        self._record_recovery({"role": "rollout", "fault": what, "call": call, **deadline,
+                               "actors": [f"rollout-{self.rollouts.index(w)}" for w in failed],
+                               "action": CALLED_AGAIN, "detected_at": detected,
+                               "recovery_seconds": time.perf_counter() - start})
+        return None
+
+    def _await_rollout(self, worker) -> None:
+        """Return once `worker` answers. Ray restarts a dead worker, on another node if its node
+        is lost (until the cluster declares the node dead, calls fail as unreachable). Raises
+        ActorDiedError for a worker dead for good (out of restarts), Hung for one that does
+        not answer within a start's deadline."""
+        due = time.monotonic() + self.deadlines.start
+        while True:
+            try:
+                wait([worker.version.remote()], due - time.monotonic(), "RolloutWorker.version", [worker])
+                return
+            except ray.exceptions.ActorUnavailableError:
+                time.sleep(1.0)
 
     # ---- the stages -------------------------------------------------------------------
 
@@ -321,8 +415,9 @@ class Controller:
                 while self.position.stage_index < len(self.recipe.stages):
                     self.run_stage(self.recipe.stages[self.position.stage_index])
                 break
-            except ray.exceptions.RayActorError as error:
-                if len(self.summary["recoveries"]) >= self.recipe.checkpoint.max_recoveries:
+            except (ray.exceptions.RayActorError, Hung) as error:
+                restores = [r for r in self.summary["recoveries"] if r.get("action") == RESTORED]
+                if len(restores) >= self.recipe.checkpoint.max_recoveries:
                     raise
                 self._recover(error)
         self.summary["placement"] = {**self.layout_summary(), "weight_transfer": self.weight_transfer}
@@ -372,6 +467,7 @@ class Controller:
                 if times.generated_tokens > tokens:
                     stats["rollout_tokens_per_second"] = (times.generated_tokens - tokens) / stats["generate_seconds"]
                 self.metrics.log(stage.name, pos.step, stats, steps=steps)
+                self._check_nodes()
                 done = stage_progress(pos.step + 1, steps, time.perf_counter() - start, stage.max_seconds)
                 progress.update(bar, completed=done, description=f"{stage.kind} {stage.name} {_brief(stats)}")
                 pos.step += 1
@@ -462,6 +558,8 @@ class Controller:
         if code:
             for i, v in zip(code, self.verifiers.score_code([texts[i] for i in code], [tasks[i].tests for i in code])):
                 out[i] = float(v.passed)
+        for event in self.verifiers.take_events():
+            self._record_recovery(event)
         return out
 
     def sft_step(self, stage: SftStage, lr: float, curriculum: AdaptiveCurriculum, times: StageTimes) -> dict:
@@ -596,48 +694,73 @@ class Controller:
                   seed: int | None) -> list[list[Completion]]:
         """Fan prompts out over the rollout workers in contiguous chunks; gather in order.
 
-        A worker that Ray restarted mid-call reran it on the initial weights: such a batch is
-        thrown away, the current weights pushed again, and the batch generated anew.
+        A worker that failed during the call (died, lost with its node, or hung) is waited for
+        until Ray has restarted it; one that Ray restarted between calls generated on the
+        initial weights. Either way the batch is thrown away, the current weights pushed again,
+        and the batch generated anew.
         """
-        workers = self.rollouts
-        size = -(-len(prompts) // len(workers))
+        size = -(-len(prompts) // len(self.rollouts))
+        chunks = [(w, prompts[i * size:(i + 1) * size]) for i, w in enumerate(self.rollouts)
+                  if prompts[i * size:(i + 1) * size]]
+        workers = [w for w, _ in chunks]
         while True:
-            start = time.perf_counter()
-            refs = [w.generate.remote(prompts[i * size:(i + 1) * size], n, temperature, max_tokens, seed)
-                    for i, w in enumerate(workers) if prompts[i * size:(i + 1) * size]]
-            groups = [group for chunk in ray.get(refs) for group in chunk]
-            if all(v == self.weights_version for v in ray.get([w.version.remote() for w in workers])):
-                return groups
+            refs = [w.generate.remote(chunk, n, temperature, max_tokens, seed) for w, chunk in chunks]
+            answers = self._wait_rollouts(refs, workers, self.deadlines.generate(size * n, max_tokens), "generate")
+            if answers is None:  # a worker failed and was restarted: the event is recorded
+                self.sync_weights()
+                continue
+            versions = self._wait_rollouts([w.version.remote() for w in workers], workers, self.deadlines.small,
+                                           "version")
+            if versions is None:
+                self.sync_weights()
+                continue
+            stale = [f"rollout-{self.rollouts.index(w)}" for w, v in zip(workers, versions)
+                     if v != self.weights_version]
+            if not stale:
+                return [group for chunk in answers for group in chunk]
+            start, detected = time.perf_counter(), time.time()
             self.sync_weights()
-            event = {"error": "a rollout worker restarted (Ray) and generated on stale weights",
-                     "recovery_seconds": time.perf_counter() - start}
-            self.metrics.log("_recovery", self.position.global_step, event)
-            print(f"zaya-rl: {event['error']}; weights pushed again, generating the batch again")
+            self._record_recovery({"role": "rollout", "fault": "died", "call": "RolloutWorker.generate",
+                                   "actors": stale, "action": CALLED_AGAIN, "detected_at": detected,
+                                   "recovery_seconds": time.perf_counter() - start})
 
     def sync_weights(self) -> None:
         """The learner's weights into every engine: through the object store on the CPU; on
-        GPUs by CUDA IPC (engines on the learners' cards) or a NCCL broadcast from rank 0."""
+        GPUs by CUDA IPC (engines on the learners' cards) or a NCCL broadcast from rank 0. When
+        a rollout worker fails meanwhile (it is restarted), the weights are pushed again."""
         self.weights_version += 1
+        pushed = None
+        while pushed is None:
+            pushed = self._push_weights()
+
+    def _push_weights(self) -> list | None:
+        """Every engine's new weights version, or None when a rollout worker failed."""
+        workers, seconds = self.rollouts, self.deadlines.sync()
         if self.weight_transfer == "object_store":
             state = self.learners.state_dict_ref()
-            ray.get([w.load_weights.remote(state, self.weights_version) for w in self.rollouts])
-            return
-        ray.get([w.start_weight_update.remote() for w in self.rollouts])
+            return self._wait_rollouts([w.load_weights.remote(state, self.weights_version) for w in workers],
+                                       workers, seconds, "load_weights")
+        if self._wait_rollouts([w.start_weight_update.remote() for w in workers], workers, self.deadlines.small,
+                               "start_weight_update") is None:
+            return None
         if self.weight_transfer == "ipc":
-            self.learners.send_weights_ipc(self.rollouts, self.weight_dtype)
+            self.learners.send_weights_ipc(workers, self.weight_dtype)
         else:
             request = {"update_info": {**self.weight_metadata, "packed": True}}
-            received = [w.update_weights.remote(request) for w in self.rollouts]
+            received = [w.update_weights.remote(request) for w in workers]
             self.learners.send_weights_nccl(self.weight_dtype)
-            ray.get(received)
-        ray.get([w.finish_weight_update.remote(self.weights_version) for w in self.rollouts])
+            if self._wait_rollouts(received, workers, seconds, "update_weights") is None:
+                return None
+        return self._wait_rollouts([w.finish_weight_update.remote(self.weights_version) for w in workers], workers,
+                                   seconds, "finish_weight_update")
 
     def release_engines(self, times: StageTimes) -> None:
         """Colocated engines free their card (weights and KV cache) while the learners train;
-        the next sync_weights brings them back."""
+        the next sync_weights brings them back (a worker restarted meanwhile starts awake)."""
         if self.recipe.resources.on_gpu and self.recipe.resources.placement == "colocated":
             with Timer(times, "sync"):
-                ray.get([w.sleep.remote() for w in self.rollouts])
+                self._wait_rollouts([w.sleep.remote() for w in self.rollouts], self.rollouts, self.deadlines.small,
+                                    "sleep")
 
     def evaluate(self, cfg: EvalConfig) -> dict:
         """Held-out accuracy on every source's held-out problems (`cfg`'s levels and number, per
@@ -675,6 +798,11 @@ class Controller:
             from ray.util.placement_group import remove_placement_group
 
             remove_placement_group(self.placement_group)
+
+
+def alive_nodes() -> dict[str, dict]:
+    """The cluster's live nodes by ID, as ray.nodes() describes them."""
+    return {node["NodeID"]: node for node in ray.nodes() if node["Alive"]}
 
 
 class LogprobDriftError(RuntimeError):

@@ -6,7 +6,9 @@ cannot hold, naming the recipe fields and what Ray reports.
 Colocated: one single-GPU bundle per learner rank; engine i shares bundle i with rank i, half
 a GPU each as Ray counts it (the memory split is the engine's gpu_memory_utilization). Split:
 every rank and every engine its own bundle of its own GPUs; two fractions below 1 may share
-a card. Without GPUs there is no placement group and every actor runs on the CPU.
+a card. Without GPUs there is no placement group and every actor runs on the CPU: rollout
+engines and verifiers spread over the nodes (`SPREAD`), learner ranks start on the driver's node
+when it has room (`on_driver_node`).
 """
 
 from __future__ import annotations
@@ -94,6 +96,19 @@ def actor_options(slot: Slot, group) -> dict:
 
     return {"num_gpus": slot.num_gpus, "scheduling_strategy": PlacementGroupSchedulingStrategy(
         group, placement_group_bundle_index=slot.bundle)}
+
+
+# Stateless workers (CPU engines, verifiers) one per node in turn: a lost node takes few of them.
+SPREAD = {"scheduling_strategy": "SPREAD"}
+
+
+def on_driver_node() -> dict:
+    """Ray actor options that start a worker on the calling driver's node, or elsewhere when it
+    cannot hold the worker (soft affinity)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)}
 
 
 def _by_node(nodes: dict[str, float]) -> str:
