@@ -21,16 +21,17 @@ from pathlib import Path
 RAY = str(Path(sys.executable).parent / "ray")
 
 
-def start_run(recipe: Path, run_dir: Path, *extra: str, ray_address: str | None = None) -> subprocess.Popen:
-    """`zaya-rl run` in its own session, on a local Ray or on the cluster at `ray_address`:
-    killing the group takes the driver and the Ray instance it started. Output goes to
-    RUN_DIR.log beside the run directory."""
+def start_run(recipe: Path, run_dir: Path, *extra: str, command: str = "run",
+              ray_address: str | None = None) -> subprocess.Popen:
+    """`zaya-rl COMMAND` (run, supervise) in its own session, on a local Ray or on the cluster at
+    `ray_address`: killing the group takes the driver and the Ray instance it started. Output
+    goes to RUN_DIR.log beside the run directory."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     if ray_address is not None:
         env.update(RAY_ADDRESS=ray_address, RAY_AUTH_MODE="disabled")
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     log = open(run_dir.parent / f"{run_dir.name}.log", "a")
-    return subprocess.Popen([sys.executable, "-m", "zaya_rl.cli", "run", str(recipe), "--run-dir", str(run_dir),
+    return subprocess.Popen([sys.executable, "-m", "zaya_rl.cli", command, str(recipe), "--run-dir", str(run_dir),
                              *extra], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -88,6 +89,19 @@ def process_state(pid: int) -> str | None:
         return None
 
 
+def driver_pids(run_dir: Path) -> list[int]:
+    """Processes of `zaya-rl run ... --run-dir RUN_DIR` (drivers, not their supervisor)."""
+    pids = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().decode().split("\0")
+        except OSError:
+            continue
+        if "zaya_rl.cli" in argv and "run" in argv and str(run_dir) in argv:
+            pids.append(int(entry))
+    return pids
+
+
 # ---- Ray nodes on this machine -------------------------------------------------------------
 
 
@@ -127,6 +141,26 @@ def start_node(num_cpus: int, head_address: str | None = None, resources: dict |
                             env=node_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     return proc, head_address
+
+
+def submit_job(dashboard_port: int, working_dir: Path, entrypoint: list[str], log_path: Path,
+               timeout: float = 180) -> subprocess.Popen:
+    """`ray job submit` to the head, once the head took the job: the process follows the job and
+    exits with 0 when it succeeded. The head's dashboard and its job agent answer some seconds
+    after the head starts ("No available agent to submit job"): until then it is submitted again."""
+    deadline = time.time() + timeout
+    while True:
+        with open(log_path, "w") as log:
+            job = subprocess.Popen([RAY, "job", "submit", "--address", f"http://127.0.0.1:{dashboard_port}",
+                                    "--working-dir", str(working_dir), "--", *entrypoint],
+                                   env=node_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        while job.poll() is None and "submitted successfully" not in log_path.read_text():
+            time.sleep(1)
+        if "submitted successfully" in log_path.read_text():
+            return job
+        if time.time() > deadline:
+            raise RuntimeError(f"the head did not take the job in {timeout} s:\n{log_path.read_text()[-2000:]}")
+        time.sleep(3)
 
 
 def wait_for_nodes(head_address: str, count: int, timeout: float = 180) -> None:

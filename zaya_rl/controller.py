@@ -116,6 +116,7 @@ class Controller:
                  start_stage: str | None = None, init_from: Path | None = None):
         """`resume`: continue from the run's newest complete checkpoint (if any). `start_stage`
         with `init_from`: skip the stages before it and start from that HF checkpoint."""
+        started = time.time()
         self.recipe = recipe
         self.run_dir = Path(run_dir or recipe.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -164,6 +165,11 @@ class Controller:
         self.tokenizer = load_tokenizer(self.model_path)
         self.deadlines = Deadlines(recipe.timeouts, weight_bytes(self.model_path))
         self._start_workers(self.model_path, resumed)
+        if resumed is not None:
+            self._record_recovery({"role": "driver", "fault": "ended before the run finished",
+                                   "action": "resumed from the newest checkpoint", "checkpoint": str(resumed),
+                                   "resumed_at_global_step": self.position.global_step, "detected_at": started,
+                                   "recovery_seconds": time.time() - started})
 
     def _archive_earlier_run(self) -> None:
         """A new run in a directory that holds an earlier one moves that run's checkpoints and

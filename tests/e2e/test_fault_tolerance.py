@@ -1,21 +1,23 @@
 """Fault injection through real Ray: kill -9 a rollout worker, a verifier, a learner and the
-driver in the middle of a run, stop (SIGSTOP) one actor of each role so that it hangs, and lose
-a second Ray node that holds a rollout worker and a verifier; every run must finish with each
-step logged exactly once.
+driver in the middle of a run, stop (SIGSTOP) one actor of each role so that it hangs, kill -9
+the driver of a `ray job submit` job run by `zaya-rl supervise`, and lose a second Ray node that
+holds a rollout worker and a verifier; every run must finish with each step logged exactly once.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
 
 import pytest
 
-from benchmarks.chaos import (descendants, lose_node, process_state, records, signal_mid_call, start_node, start_run,
-                              steps_of, stop, stop_node, title_of, wait_for_nodes, wait_for_step)
+from benchmarks.chaos import (descendants, driver_pids, free_port, lose_node, process_state, records, signal_mid_call,
+                              start_node, start_run, steps_of, stop, stop_node, submit_job, title_of, wait_for_nodes,
+                              wait_for_step)
 from zaya_rl import checkpoint
 from zaya_rl.controller import CALLED_AGAIN, RESTORED
 from zaya_rl.models import load_model
@@ -131,15 +133,43 @@ def test_killed_driver_resumes_with_the_same_curriculum(tmp_path):
     state = json.loads((saved / "state.json").read_text())
     assert state["position"]["stage_index"] == 1 and state["curriculum"] is not None
 
-    proc = start_run(RECIPE, run_dir, "--resume")
+    proc = start_run(RECIPE, run_dir, "--resume", "auto")
     try:
-        finish(proc, run_dir)
+        summary = finish(proc, run_dir)
     finally:
         stop(proc)
     [resumed] = [r for r in records(run_dir) if r["stage"] == "_resume"]
     assert resumed["position"] == state["position"]
     assert resumed["curriculum"] == state["curriculum"]
     assert resumed["data"] == state["data"]
+    [event] = summary["recoveries"]
+    assert (event["role"], event["checkpoint"]) == ("driver", str(saved))
+
+
+def test_killed_driver_of_a_submitted_job_is_started_again(tmp_path):
+    dashboard = free_port()
+    head, _ = start_node(num_cpus=2, dashboard_port=dashboard)
+    work, run_dir = tmp_path / "work", tmp_path / "run"
+    work.mkdir()
+    shutil.copy(RECIPE, work / "faults.yaml")
+    job = None
+    try:
+        job = submit_job(dashboard, work, ["zaya-rl", "supervise", "faults.yaml", "--run-dir", str(run_dir)],
+                         tmp_path / "run.log")
+        wait_for_step(run_dir, "rl", "reward", 5, job)  # past the checkpoint at rl step 4
+        [driver] = driver_pids(run_dir)
+        os.kill(driver, signal.SIGKILL)
+        summary = finish(job, run_dir)
+        assert "succeeded" in (tmp_path / "run.log").read_text()
+    finally:
+        if job is not None:
+            stop(job)
+        stop_node(head)
+    ends = [json.loads(line) for line in (run_dir / "supervise.jsonl").read_text().splitlines()]
+    assert [(e["pid"], e["exit"], e["restarting"]) for e in ends] == [(driver, -signal.SIGKILL, True),
+                                                                      (ends[1]["pid"], 0, False)]
+    [event] = summary["recoveries"]
+    assert event["role"] == "driver" and event["resumed_at_global_step"] >= 9
 
 
 def test_lost_node_leaves_the_run_on_the_first(tmp_path):
