@@ -118,10 +118,11 @@ def node_env() -> dict[str, str]:
     return env
 
 
-def start_node(num_cpus: int, head_address: str | None = None, resources: dict | None = None,
+def start_node(num_cpus: int, head_address: str | None = None, labels: dict[str, str] | None = None,
                dashboard_port: int | None = None) -> tuple[subprocess.Popen, str]:
     """`ray start --block`: the head (no `head_address`; with a dashboard when `dashboard_port`
-    is given, for `ray job submit`) or a node that joins it. Returns the process (its session
+    is given, for `ray job submit`) or a node that joins it, with these Ray node `labels`
+    (resources.prefer_nodes of a recipe puts workers there). Returns the process (its session
     holds the node's processes) and the head's GCS address. Every port is a free one, so that
     Ray instances of other users of this machine are not disturbed, and the socket paths stay
     under 107 bytes in a short temporary directory."""
@@ -134,8 +135,8 @@ def start_node(num_cpus: int, head_address: str | None = None, resources: dict |
                  else ["--include-dashboard=false"])
     else:
         role = [f"--address={head_address}"]
-    if resources:
-        role.append(f"--resources={json.dumps(resources)}")
+    if labels:
+        role.append("--labels=" + ",".join(f"{key}={value}" for key, value in labels.items()))
     proc = subprocess.Popen([RAY, "start", "--block", f"--num-cpus={num_cpus}", *role, *ports,
                              f"--temp-dir={tempfile.mkdtemp(prefix='zr-')}", "--disable-usage-stats"],
                             env=node_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

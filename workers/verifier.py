@@ -3,7 +3,7 @@
 `VerifierActor` is a thin Ray shell: math and reasoning-gym answers go to its
 `rewards.math.MathVerifier` (a child process killed at a wall-clock limit per item), code to
 `rewards.code.verify_code` (each program in its own sandbox, with limits per test).
-`VerifierPool` splits a batch across the actors (spread over the nodes), waits for each share
+`VerifierPool` splits a batch across the actors (on the nodes they prefer), waits for each share
 until its deadline (the recipe's `timeouts`), retries a chunk once on the restarted actor when
 its actor died, its node was lost or it missed the deadline (hung: the pool kills it and Ray
 restarts it), keeps each such event for the run's record, and counts what happened (as plain
@@ -24,7 +24,7 @@ from rewards.code import CodeTests, CodeVerdict, verify_code
 from rewards.math import FORMATS, MathVerifier, Verdict, extract_answer
 from rewards.sandbox import Limits, remove_stale_dirs
 from zaya_rl.deadlines import Deadlines, Hung, wait
-from zaya_rl.placement import SPREAD
+from zaya_rl.placement import cpu_placement
 from zaya_rl.recipe import TimeoutsConfig
 
 if TYPE_CHECKING:
@@ -67,16 +67,20 @@ class VerifierPool:
         code_limits: Limits = Limits(wall_s=5.0, cpu_s=5),
         num_cpus: float = 0.0,
         timeouts: TimeoutsConfig = TimeoutsConfig(),
+        node_labels: dict[str, str] | None = None,
     ) -> None:
         """`num_cpus`: what Ray reserves for each actor (a run's recipe: resources.verifier_cpus);
-        `timeouts`: the deadlines of a share of a batch and of an actor's restart."""
+        `timeouts`: the deadlines of a share of a batch and of an actor's restart; `node_labels`:
+        the Ray node labels the actors prefer (resources.prefer_nodes.verifier; default: spread
+        over the nodes)."""
         if num_actors < 1:
             raise ValueError(f"num_actors must be >= 1, got {num_actors}")
         self.timeout_s = timeout_s
         self.code_limits = code_limits
         self.deadlines = Deadlines(timeouts)
         self.names = [f"{name_prefix}-{i}" for i in range(num_actors)]
-        self.actors = [VerifierActor.options(name=name, num_cpus=num_cpus, **SPREAD).remote() for name in self.names]
+        self.actors = [VerifierActor.options(name=name, num_cpus=num_cpus, **cpu_placement(node_labels)).remote()
+                       for name in self.names]
         self.num_verified = 0
         self.num_timeouts = 0
         self.num_failures = 0

@@ -198,7 +198,8 @@ class Controller:
         # Engines first: a colocated vLLM sizes its KV cache from the card's free memory.
         wait([w.version.remote() for w in self.rollouts], self.deadlines.start, "RolloutWorker.version", self.rollouts)
         self._start_learners(resumed)
-        self.verifiers = VerifierPool(res.num_verifiers, num_cpus=res.verifier_cpus, timeouts=self.recipe.timeouts)
+        self.verifiers = VerifierPool(res.num_verifiers, num_cpus=res.verifier_cpus, timeouts=self.recipe.timeouts,
+                                      node_labels=res.prefer_nodes.get("verifier"))
         self.weights_version = 0
 
     def _start_rollout(self, index: int, model_path: Path):
@@ -210,8 +211,10 @@ class Controller:
             memory_utilization=res.gpu_memory_utilization, tensor_parallel_size=res.tensor_parallel_size,
             sleep_mode=res.placement == "colocated", learner_devices=tuple(self.learners.devices),
             enforce_eager=res.enforce_eager)
-        options = (placement.actor_options(self.layout.engines[index], self.placement_group)
-                   if self.placement_group is not None else placement.SPREAD)
+        if self.placement_group is not None:
+            options = placement.actor_options(self.layout.engines[index], self.placement_group)
+        else:
+            options = placement.cpu_placement(res.prefer_nodes.get("rollout"))
         return RolloutWorker.options(name=f"rollout-{index}", runtime_env=threads, **options).remote(
             res.rollout_engine, str(model_path), seed=self.recipe.seed + index,
             max_model_len=context_length(model_path), torch_threads=res.torch_threads,
@@ -369,8 +372,9 @@ class Controller:
         self.nodes = alive
         for node in lost:
             self._log_event({"role": "node", "fault": "lost", "node": node["NodeID"],
-                             "address": node["NodeManagerAddress"], "resources": node["Resources"],
-                             "detected_at": time.time(), "action": "its workers restart on the other nodes"})
+                             "address": node["NodeManagerAddress"], "labels": node["Labels"],
+                             "resources": node["Resources"], "detected_at": time.time(),
+                             "action": "its workers restart on the other nodes"})
 
     def _wait_rollouts(self, refs: list, workers: list, seconds: float, method: str) -> list | None:
         """The answers of calls on rollout workers (refs[i] on workers[i]), or None when a worker
@@ -387,8 +391,11 @@ class Controller:
             for worker in failed:
                 ray.kill(worker, no_restart=False)
         except ray.exceptions.RayActorError as error:
-            # Ray's error names the actor by ID (ActorHandle keeps it as _actor_id).
-            failed = [w for w in workers if w._actor_id.hex() == error.actor_id] or workers
+            # Ray's error names the actor by ID (ActorHandle keeps it as _actor_id). Another
+            # actor's error (a learner whose weights load_weights takes) is not the workers'.
+            failed = [w for w in workers if w._actor_id.hex() == error.actor_id]
+            if not failed:
+                raise
             what = "unavailable" if isinstance(error, ray.exceptions.ActorUnavailableError) else "died"
         start, detected = time.perf_counter(), time.time()
         for worker in failed:

@@ -7,8 +7,9 @@ Colocated: one single-GPU bundle per learner rank; engine i shares bundle i with
 a GPU each as Ray counts it (the memory split is the engine's gpu_memory_utilization). Split:
 every rank and every engine its own bundle of its own GPUs; two fractions below 1 may share
 a card. Without GPUs there is no placement group and every actor runs on the CPU: rollout
-engines and verifiers spread over the nodes (`SPREAD`), learner ranks start on the driver's node
-when it has room (`on_driver_node`).
+engines and verifiers spread over the nodes or go to the nodes their role prefers
+(`cpu_placement`, resources.prefer_nodes), learner ranks start on the driver's node
+(`on_driver_node`).
 """
 
 from __future__ import annotations
@@ -102,13 +103,24 @@ def actor_options(slot: Slot, group) -> dict:
 SPREAD = {"scheduling_strategy": "SPREAD"}
 
 
-def on_driver_node() -> dict:
-    """Ray actor options that start a worker on the calling driver's node, or elsewhere when it
-    cannot hold the worker (soft affinity)."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+def preferring(labels: dict[str, str]) -> dict:
+    """Ray actor options that start a worker (and restart it) on a live node with all of these
+    Ray node labels, or on any node when none has them."""
+    return {"label_selector": labels, "fallback_strategy": [{"label_selector": {}}]}
 
-    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)}
+
+def cpu_placement(labels: dict[str, str] | None) -> dict:
+    """Where a stateless CPU worker goes: the nodes with `labels` when given, else spread."""
+    return preferring(labels) if labels else SPREAD
+
+
+def on_driver_node() -> dict:
+    """Ray actor options that start a worker on the calling driver's node, or on another when
+    that node is gone. (A soft NodeAffinitySchedulingStrategy does not hold a worker that asks
+    for no CPU: Ray 2.60 places it anywhere.)"""
+    import ray
+
+    return preferring({"ray.io/node-id": ray.get_runtime_context().get_node_id()})
 
 
 def _by_node(nodes: dict[str, float]) -> str:

@@ -414,6 +414,11 @@ class ResourcesConfig(StrictModel):
     enforce_eager: bool = Field(False, description="GPU engines without torch.compile and CUDA graphs: they start "
                                 "in seconds instead of about a minute and decode slower")
     verifier_cpus: float = Field(0.5, gt=0, description="CPUs Ray reserves for each verifier actor")
+    prefer_nodes: dict[Literal["rollout", "verifier"], dict[str, str]] = Field(
+        default_factory=dict, description="Ray node labels (`ray start --labels KEY=VALUE`) that a role's workers "
+        "prefer, e.g. {verifier: {pool: cpu}}: they start (and restart) on a live node with all of them, on any "
+        "node when none has them; a role without labels spreads over the nodes. Rollout workers on GPUs go "
+        "where the placement group puts them")
 
     @property
     def on_gpu(self) -> bool:
@@ -421,6 +426,9 @@ class ResourcesConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> ResourcesConfig:
+        if self.on_gpu and "rollout" in self.prefer_nodes:
+            raise _at("prefer_nodes.rollout", "rollout workers on GPUs go where the placement group puts them: "
+                      "drop prefer_nodes.rollout")
         if not self.on_gpu:
             if self.tensor_parallel_size > 1:
                 raise _at("tensor_parallel_size", "tensor_parallel_size > 1 needs rollout_gpus")

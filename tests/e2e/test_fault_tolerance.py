@@ -26,6 +26,9 @@ RECIPE = Path(__file__).parent / "faults.yaml"
 WARMUP_STEPS, RL_STEPS = 4, 10
 # Deadlines of a few tens of seconds on the faults recipe, whose steps take about a second.
 SHORT_DEADLINES = ("--set", "timeouts.min_seconds=20", "--set", "timeouts.score_seconds_per_item=0.5")
+# A second Ray node's label, and the recipe's rollout worker and verifier preferring it.
+SECOND_NODE = {"zaya-node": "second"}
+ON_SECOND_NODE = ("--set", f"resources.prefer_nodes={{rollout: {SECOND_NODE}, verifier: {SECOND_NODE}}}")
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
@@ -173,16 +176,16 @@ def test_killed_driver_of_a_submitted_job_is_started_again(tmp_path):
 
 
 def test_lost_node_leaves_the_run_on_the_first(tmp_path):
+    """The second node holds the rollout worker and the verifier (the recipe prefers its label);
+    the driver and the learner are on the head."""
     head, address = start_node(num_cpus=2)
-    second, _ = start_node(num_cpus=1, head_address=address, resources={"node2": 1})
+    second, _ = start_node(num_cpus=1, head_address=address, labels=SECOND_NODE)
     run_dir = tmp_path / "run"
     proc = None
     try:
         wait_for_nodes(address, 2)
-        proc = start_run(RECIPE, run_dir, "--set", "resources.num_rollout_workers=2",
-                         "--set", "resources.num_verifiers=2", ray_address=address)
+        proc = start_run(RECIPE, run_dir, *ON_SECOND_NODE, ray_address=address)
         wait_for_step(run_dir, "rl", "reward", 2, proc)
-        # Rollout workers and verifiers spread over the nodes; the learner is on the driver's.
         workers = {"ray::RolloutWorker", "ray::Verifier", "ray::LearnerWorker"}
         on_second = sorted(title for title in (title_of(pid).split(".")[0] for pid in descendants(second.pid))
                            if title in workers)
@@ -196,7 +199,7 @@ def test_lost_node_leaves_the_run_on_the_first(tmp_path):
         stop_node(head)
     events = summary["recoveries"]
     [lost] = [e for e in events if e["role"] == "node"]
-    assert lost["fault"] == "lost" and lost["resources"]["node2"] == 1
+    assert lost["fault"] == "lost" and lost["labels"]["zaya-node"] == "second"
     # Its rollout worker came back on the first node, and its verifier (recorded when a call
     # failed; a verifier that Ray restarted between calls answers the next one); no checkpoint
     # was restored.
