@@ -4,37 +4,51 @@ Owns `extract_code` and `verify_code(completion, tests, limits) -> CodeVerdict`,
 function of its inputs (it runs subprocesses, but keeps no state). Three test styles:
 
 - `AssertTests`: HumanEval style; the test code defines `check(candidate)`, which is
-  called with the program's `entry_point`. One test unit.
+  called with the program's `entry_point`. One test unit. `prompt`, when given, is the
+  task's own code (HumanEval's prompt), run before the test: the helpers that some tests
+  call (`poly`, `encode_cyclic`) then come from the task and not from the program.
 - `CallTests`: a function name and `(args, expected)` cases; each case is one test, under
-  its own time limit.
+  its own time limit. Return values compare as plain data (floats within 1e-6, lists and
+  tuples alike).
 - `StdioTests`: `(stdin, expected stdout)` cases; each case is one run of the program, and
   the output is compared line by line with surrounding whitespace and blank lines ignored.
 
-Assert and call tests run in one sandboxed process through a harness that reports each
-result on stdout after a random nonce, which it reads from stdin before the program runs:
-a program that exits early (`sys.exit(0)`, `os._exit(0)`) or prints fake results scores 0.
-Return values compare as plain data (None, bool, int, float, str, list/tuple, dict; floats
-within 1e-6), so an object that claims to equal everything does not pass.
+Assert and call tests: the program and the tests share no memory. The program runs in the
+sandbox, where rewards/judge.py's `serve` loads it and answers calls over a pipe; the
+tests run in the judge, a trusted process of their own, where `candidate` sends each call
+down that pipe. Arguments and return values cross as plain data (JSON: None, bool, int,
+float, str, bytes, list, tuple, set, frozenset, dict), built again from builtin types on
+arrival, so an object whose `__eq__` answers True, a generator or a function returned by
+the program fails its test. The program never sees the test code, and nothing it does in
+its own process (patch builtins, walk frames, print fake results, exit early) reaches the
+judge, whose report goes to the verifier on a pipe the program does not hold.
 
-Time: `limits.wall_s` (and `cpu_s`) is per test. Harnessed tests get a SIGALRM per test and
-the whole run is killed at n * wall_s plus start-up, which stops code stuck in C; a
-stdin/stdout test is one run, killed at wall_s, and the first timeout, crash or violation
-ends the item (the rest count as failed). A harnessed program can read its own tests (they
-are in its source): the harness defends against lazy reward hacks, not a determined one.
+Time: `limits.wall_s` (and `cpu_s`) is per test, and once more for loading the program.
+The judge times each call (a hang in C code included); the first timeout, crash, or
+answer out of protocol ends the item (the rest count as failed), and the sandbox is
+stopped as soon as the judge is done. A stdin/stdout test is one run, killed at wall_s,
+and the first timeout, crash or violation ends the item too. An answer is at most
+`limits.output_bytes` long. The test code is trusted: it runs unsandboxed in the judge.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
-import secrets
+import subprocess
+import sys
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
-from rewards.sandbox import Limits, RunResult, run_python
+from rewards import judge
+from rewards.sandbox import CHANNEL_FDS, Limits, RunResult, run_python, start_python
 
 _FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
-# Startup of the two interpreters a run needs; added to the time a harness run may take.
+# Start-up of the interpreters a run needs; added to the time that loading may take.
 _STARTUP_S = 5.0
+_JUDGE_SOURCE = Path(judge.__file__).read_text()
 
 
 @dataclass(frozen=True)
@@ -50,6 +64,7 @@ class CodeVerdict:
 class AssertTests:
     test: str  # defines check(candidate)
     entry_point: str
+    prompt: str = ""  # the task's code, run before `test`: the helpers the test may call
 
 
 @dataclass(frozen=True)
@@ -103,30 +118,117 @@ def _lines(text: str) -> list[str]:
 
 def _check_harnessed(program: str, tests: AssertTests | CallTests, limits: Limits) -> CodeVerdict:
     num_tests = len(tests.cases) if isinstance(tests, CallTests) else 1
-    nonce = secrets.token_hex(16)
-    total = replace(limits, wall_s=limits.wall_s * num_tests + _STARTUP_S, cpu_s=limits.cpu_s * num_tests + 1)
-    run = run_python(_harness(program, tests, limits.wall_s), stdin=nonce + "\n", limits=total)
-    events = [line.split(" ", 2)[1:] for line in run.stdout.splitlines() if line.startswith(nonce + " ")]
-    results = [detail for kind, detail in events if kind == "test"]  # "3 pass" / "3 AssertionError: ..."
-    num_passed = sum(r.endswith(" pass") for r in results)
-    if ["loaded", ""] not in events:
-        syntax = next((d for k, d in events if k == "syntax"), None)
-        return _verdict(0, num_tests, "syntax error" if syntax is not None else _load_failure(run, events))
-    failure = next((r for r in results if not r.endswith(" pass")), None)
+    try:
+        config = _judge_config(tests, limits)
+    except TypeError as e:
+        return _verdict(0, num_tests, f"error: the test cases are not plain data: {e}")
+    # Each test, and loading, within wall_s: the judge times them; this is the backstop.
+    total = replace(limits, wall_s=limits.wall_s * (num_tests + 1) + _STARTUP_S, cpu_s=limits.cpu_s * (num_tests + 1))
+    requests_read, requests_write = os.pipe()
+    answers_read, answers_write = os.pipe()
+    try:
+        sandbox = start_python(_serve_source(program), limits=total, channel=(requests_read, answers_write))
+    except BaseException:
+        os.close(requests_write)
+        os.close(answers_read)
+        raise
+    finally:  # the program's ends: from here on only the program holds them
+        os.close(requests_read)
+        os.close(answers_write)
+    events, judge_failure = [], "error: the judge did not run"
+    try:
+        events, judge_failure = _run_judge(config, requests_write, answers_read, total.wall_s + _STARTUP_S)
+    finally:
+        # Done with the program. Where it ended by itself, its exit status tells how.
+        ended = bool(events) and events[-1]["outcome"] == "ended"
+        run = sandbox.wait(grace_s=1.0 if ended else 0.0)
+    return _harnessed_verdict(events, judge_failure, run, num_tests)
+
+
+def _judge_config(tests: AssertTests | CallTests, limits: Limits) -> dict:
+    """What the judge reads on its stdin; TypeError for cases that are not plain data."""
+    config = {"per_test_s": limits.wall_s, "load_s": limits.wall_s + _STARTUP_S,
+              "max_answer_bytes": limits.output_bytes, "requests_fd": 0, "answers_fd": 0}
+    if isinstance(tests, AssertTests):
+        return config | {"style": "assert", "prompt": tests.prompt, "test": tests.test, "entry_point": tests.entry_point}
+    return config | {"style": "call", "function": tests.fn_name, "cases": judge.to_wire([list(c) for c in tests.cases])}
+
+
+def _serve_source(program: str) -> str:
+    """The sandbox's source: judge.py loaded as a module (its main guard stays off), then
+    `serve`, which loads the program and answers the judge on the channel's fds."""
+    return (
+        "_judge = {'__name__': 'judge'}\n"
+        f"exec(compile({_JUDGE_SOURCE!r}, 'judge.py', 'exec'), _judge)\n"
+        f"_judge['serve']({program!r}, {CHANNEL_FDS[0]}, {CHANNEL_FDS[1]})\n"
+    )
+
+
+def _run_judge(config: dict, requests_fd: int, answers_fd: int, deadline_s: float) -> tuple[list[dict], str]:
+    """The judge's reports, and why it stopped short ("" when it did not). Closes the two
+    fds once the judge holds them, so that only the judge keeps the program's pipe open."""
+    config = config | {"requests_fd": requests_fd, "answers_fd": answers_fd}
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-I", judge.__file__],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env={"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"},
+            start_new_session=True, pass_fds=(requests_fd, answers_fd),
+        )
+    finally:
+        os.close(requests_fd)
+        os.close(answers_fd)
+    failure = ""
+    try:
+        out, err = process.communicate(json.dumps(config).encode(), timeout=deadline_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, err = process.communicate()
+        failure = "timeout"
+    # The judge is trusted: every line it wrote whole is a report.
+    events = [json.loads(line) for line in out.decode().splitlines() if line.endswith("}")]
+    if process.returncode and not failure:
+        failure = f"error: the judge failed: {err.decode(errors='replace').strip()[-300:]}"
+    return events, failure
+
+
+def _harnessed_verdict(events: list[dict], judge_failure: str, run: RunResult, num_tests: int) -> CodeVerdict:
+    load = next((e for e in events if e["event"] == "load"), None)
+    if load is None:
+        return _verdict(0, num_tests, judge_failure or "error: the judge reported nothing")
+    if load["outcome"] != "loaded":
+        return _verdict(0, num_tests, _failure(load, run, "program exited before the tests ran"))
+    results = [e for e in events if e["event"] == "test"]
+    num_passed = sum(e["outcome"] == "pass" for e in results)
+    failure = next((e for e in results if e["outcome"] != "pass"), None)
     if failure is not None:
-        number, error = failure.split(" ", 1)
-        reason = "wrong answer" if error.startswith("AssertionError") or error == "wrong" else _exception_reason(error)
-        return _verdict(num_passed, num_tests, f"{reason} on test {number}")
-    if len(results) < num_tests:  # the harness was cut off mid-test
-        return _verdict(num_passed, num_tests, f"{_run_failure(run)} on test {len(results) + 1}")
+        return _verdict(num_passed, num_tests, f"{_failure(failure, run, 'program exited')} on test {failure['number']}")
+    if len(results) < num_tests:  # the judge was cut off mid-test
+        return _verdict(num_passed, num_tests, f"{judge_failure or 'error: the judge stopped'} on test {len(results) + 1}")
     return _verdict(num_passed, num_tests, "")
 
 
-def _load_failure(run: RunResult, events: list[list[str]]) -> str:
-    error = next((d for k, d in events if k == "load"), None)
-    if error is not None:
-        return _exception_reason(error)
-    return _run_failure(run) if run.returncode or run.timed_out else "program exited before the tests ran"
+def _failure(event: dict, run: RunResult, exited: str) -> str:
+    """Why a load or a test of the judge's reports failed; `exited`: for a program that
+    ended by itself without an error."""
+    match event["outcome"]:
+        case "wrong":
+            return "wrong answer"
+        case "error" if event["detail"].startswith("SystemExit"):
+            return exited
+        case "error":
+            return _exception_reason(event["detail"])
+        case "timeout":
+            return "timeout"
+        case "output_limit":
+            return "output limit exceeded"
+        case "invalid":
+            return f"invalid answer: {event['detail']}"
+        case "test_error":
+            return f"error: {event['detail']}"
+        case "ended":
+            return _run_failure(run) if run.returncode or run.timed_out or run.error else exited
+    raise ValueError(f"unknown outcome in the judge's report: {event}")
 
 
 def _verdict(num_passed: int, num_tests: int, failure: str) -> CodeVerdict:
@@ -167,84 +269,4 @@ def _exception_reason(error: str) -> str:
         return "sandbox violation: process limit"
     if name == "PermissionError":
         return "sandbox violation: permission denied"
-    if name == "_HarnessTimeout":
-        return "timeout"
-    if name == "SystemExit":
-        return "program exited before the tests ran"
     return f"runtime error: {error[:200]}"
-
-
-def _harness(program: str, tests: AssertTests | CallTests, per_test_s: float) -> str:
-    """The source of one sandboxed run: load the program, then report each test."""
-    if isinstance(tests, AssertTests):
-        run_tests = (
-            f"exec(compile({tests.test!r}, 'test.py', 'exec'), _ns)\n"
-            f"_run(1, lambda: _ns['check'](_ns[{tests.entry_point!r}]))\n"
-        )
-    else:
-        run_tests = (
-            f"for _i, (_args, _want) in enumerate({tests.cases!r}, 1):\n"
-            f"    _run(_i, lambda: _ns[{tests.fn_name!r}](*_args), _want)\n"
-        )
-    return _HARNESS.format(program=repr(program), per_test_s=per_test_s, float_tol=1e-6) + run_tests
-
-
-# The harness keeps the real stdout before the program can replace it; its reports start
-# with a newline so that a program's unfinished line cannot swallow them. Values compare
-# only as plain data (None, bool, int, float, str, list/tuple, dict), so an object whose
-# __eq__ always answers True does not pass.
-_HARNESS = """\
-import math as _math, signal as _signal, sys as _sys
-_nonce = _sys.stdin.readline().strip()
-_out = _sys.stdout
-def _report(kind, detail=''):
-    _out.write('\\n' + _nonce + ' ' + kind + ' ' + detail + '\\n')
-    _out.flush()
-class _HarnessTimeout(BaseException):
-    pass
-def _alarm(signum, frame):
-    raise _HarnessTimeout('per-test time limit')
-def _plain(x):
-    if x is None or type(x) in (bool, int, float, str):
-        return x
-    if type(x) in (list, tuple):
-        return [_plain(v) for v in x]
-    if type(x) is dict and all(k is None or type(k) in (bool, int, float, str) for k in x):
-        return {{k: _plain(v) for k, v in x.items()}}
-    raise TypeError('not plain data: ' + type(x).__name__)
-def _same(a, b):
-    if type(a) is float or type(b) is float:
-        return type(a) in (int, float) and type(b) in (int, float) and _math.isclose(a, b, rel_tol={float_tol}, abs_tol={float_tol})
-    if type(a) is list and type(b) is list:
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if type(a) is dict and type(b) is dict:
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    return type(a) is type(b) and a == b
-def _describe(e):
-    return (type(e).__name__ + ': ' + str(e)).replace('\\n', ' ')[:300]
-def _run(i, call, *want):
-    _signal.signal(_signal.SIGALRM, _alarm)
-    _signal.setitimer(_signal.ITIMER_REAL, {per_test_s})
-    try:
-        got = call()
-        ok = not want or _same(_plain(got), _plain(want[0]))
-        _signal.setitimer(_signal.ITIMER_REAL, 0)
-        _report('test', str(i) + (' pass' if ok else ' wrong'))
-    except BaseException as e:
-        _signal.setitimer(_signal.ITIMER_REAL, 0)
-        _report('test', str(i) + ' ' + _describe(e))
-        if isinstance(e, _HarnessTimeout):
-            raise SystemExit(0)  # the next tests would likely hang too: not worth the time
-try:
-    _code = compile({program}, 'solution.py', 'exec')
-except (SyntaxError, ValueError) as e:
-    _report('syntax', _describe(e))
-    raise SystemExit(0)
-_ns = {{'__name__': 'solution'}}
-try:
-    exec(_code, _ns)
-except BaseException as e:
-    _report('load', _describe(e))
-    raise SystemExit(0)
-_report('loaded')
-"""

@@ -1,4 +1,5 @@
-"""Run an untrusted Python program in a sandbox: `run_python(source, stdin, limits)`.
+"""Run an untrusted Python program in a sandbox: `run_python(source, stdin, limits)`, or
+`start_python(...)` for a program that talks to a trusted process over a pipe while it runs.
 
 Owns the isolation of model-written code: resource limits, no network, a private
 directory, a scrubbed environment, capped output, and a kill of the whole process tree.
@@ -6,25 +7,34 @@ directory, a scrubbed environment, capped output, and a kill of the whole proces
 How one run works (three processes; only the last runs untrusted code):
   runner  `python -I -S rewards/sandbox.py CONFIG`, in a new session. It enters new
           mount, PID and network namespaces (unshare), forks `init`, kills it at the wall
-          limit and reports the exit status as one JSON line.
-  init    PID 1 of the new PID namespace. It binds stdin/stdout/stderr to files, mounts
-          private tmpfs (64 MiB) over /tmp, /var/tmp and /dev/shm and a fresh /proc, puts
-          the program in /tmp/work (its cwd; HOME and TMPDIR are /tmp), then forks the
-          program and reaps until the program exits. When init exits, the kernel kills
-          everything left in its PID namespace, so a child that escaped with setsid and a
-          double fork dies with it; init also dies with the runner (PR_SET_PDEATHSIG).
+          limit (or when asked to stop, SIGTERM) and reports the exit status as one JSON line.
+  init    PID 1 of the new PID namespace. It binds stdin/stdout/stderr to files (and, with
+          a channel, the two pipe ends to fds 3 and 4), mounts private tmpfs (64 MiB) over
+          /tmp, /var/tmp and /dev/shm and a fresh /proc, puts the program in /tmp/work (its
+          cwd; HOME and TMPDIR are /tmp), then forks the program and reaps until the
+          program exits. When init exits, the kernel kills everything left in its PID
+          namespace, so a child that escaped with setsid and a double fork dies with it;
+          init also dies with the runner (PR_SET_PDEATHSIG).
   program `python -I prog.py` in the private directory, under rlimits (CPU, address
           space, processes, open files, file size, no core) and, when we are root, as an
           unprivileged uid of its own (200000 + runner pid).
 
-Why an own uid: RLIMIT_NPROC counts the processes of a uid and is ignored for root, so a
-fork bomb is only stopped by a uid that nothing else uses. It also means the program
-cannot signal the verifier (root), cannot write the repository or other root-owned files
-and cannot read /proc/<pid>/environ of our processes. The unprivileged uid cannot
+Root and not root. As root the runner unshares the three namespaces directly. Without
+root that is refused (it needs CAP_SYS_ADMIN), so the runner first enters a new user
+namespace (CLONE_NEWUSER, as bubblewrap does), which an unprivileged process may create
+where the kernel allows it; there it holds the capabilities that the mounts need, and its
+uid and gid are mapped to themselves. The program then runs under our own uid inside the
+namespaces: exec drops every capability of a non-root uid, its PID namespace hides our
+processes, and RLIMIT_NPROC counts only the tasks of that user namespace.
+
+Why an own uid (as root): RLIMIT_NPROC counts the processes of a uid and is ignored for
+root, so a fork bomb is only stopped by a uid that nothing else uses. It also means the
+program cannot signal the verifier (root), cannot write the repository or other root-owned
+files and cannot read /proc/<pid>/environ of our processes. The unprivileged uid cannot
 traverse /root (mode 700), where pyenv installs Python, so init mounts an empty tmpfs
 over such a directory and binds the Python installation back read-only; everything else
-there (tokens, keys) stays hidden. (The same bind-back keeps a virtualenv under /tmp
-usable.)
+there (tokens, keys) stays hidden. (The same bind-back keeps a virtualenv under /tmp or
+under a home directory of mode 700 usable.)
 
 Without a PID namespace the runner is a child subreaper (PR_SET_CHILD_SUBREAPER): every
 orphan of the program's tree, a setsid and double fork included, is re-parented to the
@@ -40,14 +50,13 @@ new in 2026 and little used. The kernel features used here (unshare, mount, setu
 setrlimit, prctl) are the ones those tools use, reached through libc; the program also runs
 with PR_SET_NO_NEW_PRIVS, so no setuid binary gives back what it gave up.
 
-What is active depends on the machine; `isolation()` says, and `network_isolation()`
-names the network part: "network namespace" (connections fail with "Network is
-unreachable"), or, where unshare is refused (no CAP_SYS_ADMIN), "audit hook": the program
-is started through a `sys.addaudithook` hook that refuses every `socket.*` event. That
-fallback is weaker (ctypes can go around it) and is reported as such; without the mount
-namespace there is also no private /tmp and no own uid where Python lies under a
-directory others cannot enter. Without root there is no own uid: then RLIMIT_NPROC is not
-set. `isolation()` lists each of these.
+What is active depends on the machine; `isolation()` says (one line in its "summary"),
+and `network_isolation()` names the network part: "network namespace" (connections fail
+with "Network is unreachable"), or, where even a user namespace is refused, "audit hook":
+the program is started through a `sys.addaudithook` hook that refuses every `socket.*`
+event. That fallback is weak (ctypes goes around it) and is reported as such: there is
+then no private /tmp, no PID namespace, no process limit, and without root the program
+runs as our uid, able to signal and trace our processes.
 
 This module imports only the standard library: the runner runs it with `-S`.
 """
@@ -55,9 +64,11 @@ This module imports only the standard library: the runner runs it with `-S`.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import functools
 import glob
 import json
+import logging
 import os
 import resource
 import shutil
@@ -70,11 +81,12 @@ from dataclasses import asdict, dataclass
 
 _DIR_PREFIX = "zaya-sandbox-"
 UID_BASE = 200_000  # sandbox uids are UID_BASE + runner pid (pid_max is far below 2**31)
-_CLONE_NEWNS, _CLONE_NEWPID, _CLONE_NEWNET = 0x00020000, 0x20000000, 0x40000000
+_CLONE_NEWNS, _CLONE_NEWPID, _CLONE_NEWNET, _CLONE_NEWUSER = 0x00020000, 0x20000000, 0x40000000, 0x10000000
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
 _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 32, 4096, 16384, 1 << 18
 _PR_SET_PDEATHSIG, _PR_SET_CHILD_SUBREAPER, _PR_SET_NO_NEW_PRIVS = 1, 36, 38
 _INIT_FAILED = 125  # init's exit code when it could not start the program
+CHANNEL_FDS = (3, 4)  # where a program started with a channel finds its read and write ends
 # The network fallback: refuse every socket operation inside the program's interpreter.
 _AUDIT_HOOK = (
     "import sys, runpy\n"
@@ -115,37 +127,95 @@ class RunResult:
 
 def run_python(source: str, stdin: str = "", limits: Limits = Limits()) -> RunResult:
     """Run `source` as `__main__` in a fresh sandbox. Never raises for what the program does."""
-    start = time.monotonic()
-    # Mode 700: only root gets in. The pid in the name lets remove_stale_dirs() find the
-    # directories of a verifier that was killed mid-run.
-    host_dir = tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-")
-    try:
-        work = os.path.join(host_dir, "work")
-        os.mkdir(work)
-        with open(os.path.join(work, "prog.py"), "w", encoding="utf-8", errors="surrogateescape") as f:
-            f.write(source)
-        with open(os.path.join(host_dir, "stdin"), "w", encoding="utf-8", errors="surrogateescape") as f:
-            f.write(stdin)
-        config = {
-            "dir": host_dir,
-            "limits": asdict(limits),
-            "python": sys.executable,
-            "expose": sorted({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix)}),
-            "namespaces": _namespaces_wanted(),
-            "parent": os.getpid(),
-        }
-        status, error = _run_runner(config, limits)
-        stdout, cut_out = _read_capped(os.path.join(host_dir, "stdout"), limits.output_bytes)
-        stderr, cut_err = _read_capped(os.path.join(host_dir, "stderr"), limits.output_bytes)
-    finally:
-        shutil.rmtree(host_dir, ignore_errors=True)
-    if status is None:
-        return RunResult(-signal.SIGKILL, stdout, stderr, False, cut_out or cut_err, time.monotonic() - start, error)
-    code = status["exit"]
-    if code == _INIT_FAILED and stderr.startswith("sandbox init:"):
-        error = stderr.strip()
-    returncode = -(code - 128) if code > 128 else code  # init exits 128 + signal
-    return RunResult(returncode, stdout, stderr, status["timed_out"], cut_out or cut_err, time.monotonic() - start, error)
+    return start_python(source, stdin, limits).wait()
+
+
+def start_python(source: str, stdin: str = "", limits: Limits = Limits(),
+                 channel: tuple[int, int] | None = None) -> SandboxRun:
+    """Start `source` in a fresh sandbox and return at once. `channel`: a pipe read end and
+    a pipe write end of the caller's, which the program gets as fds 3 and 4 (CHANNEL_FDS);
+    the caller should close its copies of them once this returns, so that it sees EOF when
+    the program ends."""
+    return SandboxRun(source, stdin, limits, channel)
+
+
+class SandboxRun:
+    """One program running in the sandbox: `wait()` for its RunResult, or `stop()` it first."""
+
+    def __init__(self, source: str, stdin: str, limits: Limits, channel: tuple[int, int] | None) -> None:
+        self.limits = limits
+        self.start = time.monotonic()
+        self.status: dict | None = None  # the runner's report, once it is done
+        # Mode 700: only its owner gets in. The pid in the name lets remove_stale_dirs()
+        # find the directories of a verifier that was killed mid-run.
+        self.host_dir = tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-")
+        try:
+            work = os.path.join(self.host_dir, "work")
+            os.mkdir(work)
+            with open(os.path.join(work, "prog.py"), "w", encoding="utf-8", errors="surrogateescape") as f:
+                f.write(source)
+            with open(os.path.join(self.host_dir, "stdin"), "w", encoding="utf-8", errors="surrogateescape") as f:
+                f.write(stdin)
+            config = {
+                "dir": self.host_dir,
+                "limits": asdict(limits),
+                "python": sys.executable,
+                "expose": sorted({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix)}),
+                "namespaces": _namespaces_wanted(),
+                "parent": os.getpid(),
+                "channel": list(channel or ()),
+            }
+            # The runner's environment holds no secrets either: it is inherited by init.
+            self.runner = subprocess.Popen(
+                [sys.executable, "-I", "-S", os.path.abspath(__file__), json.dumps(config)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                env={"PATH": "/usr/local/bin:/usr/bin:/bin"}, start_new_session=True, close_fds=True,
+                pass_fds=channel or (),
+            )
+        except BaseException:
+            shutil.rmtree(self.host_dir, ignore_errors=True)
+            raise
+
+    def stop(self) -> None:
+        """End the program now (the runner kills its whole tree); `wait()` still reports."""
+        if self.runner.poll() is None:
+            self.runner.send_signal(signal.SIGTERM)
+
+    def wait(self, grace_s: float | None = None) -> RunResult:
+        """The RunResult, once the run is over. With `grace_s`, a run still going after that
+        many seconds is stopped first."""
+        if grace_s is not None:
+            try:
+                self.runner.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                self.stop()
+        try:
+            self.status, error = self._runner_status()
+            stdout, cut_out = _read_capped(os.path.join(self.host_dir, "stdout"), self.limits.output_bytes)
+            stderr, cut_err = _read_capped(os.path.join(self.host_dir, "stderr"), self.limits.output_bytes)
+        finally:
+            shutil.rmtree(self.host_dir, ignore_errors=True)
+        seconds = time.monotonic() - self.start
+        if self.status is None:
+            return RunResult(-signal.SIGKILL, stdout, stderr, False, cut_out or cut_err, seconds, error)
+        code = self.status["exit"]
+        if code == _INIT_FAILED and stderr.startswith("sandbox init:"):
+            error = stderr.strip()
+        returncode = -(code - 128) if code > 128 else code  # init exits 128 + signal
+        return RunResult(returncode, stdout, stderr, self.status["timed_out"], cut_out or cut_err, seconds, error)
+
+    def _runner_status(self) -> tuple[dict | None, str]:
+        try:
+            # The runner kills at wall_s itself; this is the backstop for a runner that cannot.
+            out, err = self.runner.communicate(timeout=self.limits.wall_s + 30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.runner.pid, signal.SIGKILL)  # init dies with it (PR_SET_PDEATHSIG)
+            self.runner.communicate()
+            return None, "error: sandbox runner hung"
+        lines = out.decode(errors="replace").strip().splitlines()
+        if self.runner.returncode != 0 or not lines:
+            return None, f"error: sandbox runner failed: {err.decode(errors='replace')[-500:]}"
+        return json.loads(lines[-1]), ""
 
 
 def remove_stale_dirs() -> None:
@@ -154,27 +224,6 @@ def remove_stale_dirs() -> None:
         pid = os.path.basename(path)[len(_DIR_PREFIX) :].split("-")[0]
         if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _run_runner(config: dict, limits: Limits) -> tuple[dict | None, str]:
-    # The runner's environment holds no secrets either: it is inherited by init.
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin"}
-    proc = subprocess.Popen(
-        [sys.executable, "-I", "-S", os.path.abspath(__file__), json.dumps(config)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env=env, start_new_session=True, close_fds=True,
-    )
-    try:
-        # The runner kills at wall_s itself; this is the backstop for a runner that cannot.
-        out, err = proc.communicate(timeout=limits.wall_s + 30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # init dies with it (PR_SET_PDEATHSIG)
-        proc.communicate()
-        return None, "error: sandbox runner hung"
-    lines = out.decode(errors="replace").strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        return None, f"error: sandbox runner failed: {err.decode(errors='replace')[-500:]}"
-    return json.loads(lines[-1]), ""
 
 
 def _read_capped(path: str, cap: int) -> tuple[str, bool]:
@@ -191,20 +240,65 @@ def _namespaces_wanted() -> bool:
     return os.environ.get("ZAYA_SANDBOX_NAMESPACES", "1") != "0"
 
 
+# Printed by the probe that isolation() runs: what the program sees from inside.
+_PROBE = (
+    "import os, resource\n"
+    "nproc = resource.getrlimit(resource.RLIMIT_NPROC)[0]\n"
+    "print(os.getuid(), os.getpid(), int(nproc != resource.RLIM_INFINITY))\n"
+)
+
+
 @functools.cache
 def isolation() -> dict:
-    """What this machine gives the sandbox (probed once by running a tiny program)."""
-    probe = run_python("import os\nprint(os.getuid(), os.getpid())")
-    uid, pid = (int(x) for x in probe.stdout.split()) if probe.returncode == 0 else (-1, -1)
-    namespaces = pid == 2  # init is PID 1 of a new PID namespace, the program PID 2
-    return {
-        "network": "network namespace" if namespaces else "audit hook",
-        "pid_namespace": namespaces,
-        "private_tmp": namespaces,
+    """What this machine gives the sandbox, probed once by running a tiny program. Meant for
+    a run's log and summary.json: "summary" says it in one line, and starts with "WEAK"
+    where not even a user namespace could be had (that is also logged as a warning).
+
+    Keys: "summary"; "namespaces": "host" (root: mount, PID and network namespaces),
+    "user" (not root: the same namespaces inside a user namespace) or "none"; "refused":
+    why the kernel refused them ("" when it did not); "network": "network namespace" or
+    "audit hook"; "pid_namespace", "private_tmp", "own_uid" (a uid that nothing else
+    uses), "process_limit" (RLIMIT_NPROC in force): booleans; "error": the probe failed."""
+    run = start_python(_PROBE)
+    probe = run.wait()
+    status = run.status or {}
+    if probe.returncode == 0:
+        uid, pid, process_limit = (int(x) for x in probe.stdout.split())
+    else:
+        uid, pid, process_limit = -1, -1, 0
+    mode = status.get("namespaces", "none")
+    pid_namespace = pid == 2  # init is PID 1 of a new PID namespace, the program PID 2
+    report = {
+        "namespaces": mode,
+        "refused": status.get("refused", ""),
+        "network": "network namespace" if pid_namespace else "audit hook",
+        "pid_namespace": pid_namespace,
+        "private_tmp": pid_namespace,  # the mount namespace comes with it
         "own_uid": uid >= UID_BASE,
-        "process_limit": uid >= UID_BASE,
+        "process_limit": bool(process_limit),
         "error": probe.error or (probe.stderr[-300:] if probe.returncode else ""),
     }
+    report = {"summary": _isolation_summary(report), **report}
+    if report["summary"].startswith("WEAK"):
+        logging.getLogger(__name__).warning("code sandbox isolation: %s", report["summary"])
+    return report
+
+
+def _isolation_summary(report: dict) -> str:
+    if report["error"]:
+        return f"WEAK: the sandbox probe failed: {report['error']}"
+    if report["pid_namespace"]:
+        who = ("its own uid" if report["own_uid"] else "our uid, without capabilities")
+        limit = "with" if report["process_limit"] else "without"
+        kind = "user namespace (not root)" if report["namespaces"] == "user" else "namespaces (root)"
+        return f"{kind}: mount, PID and network namespaces; the program runs as {who}, {limit} a process limit"
+    missing = ["network blocked only by an audit hook that ctypes goes around",
+               "no PID namespace", "no private /tmp"]
+    if not report["own_uid"]:
+        missing.append("the program runs as our uid and can signal and trace our processes")
+    if not report["process_limit"]:
+        missing.append("no process limit")
+    return f"WEAK: no namespaces ({report['refused'] or 'unknown why'}): " + "; ".join(missing)
 
 
 def network_isolation() -> str:
@@ -228,36 +322,69 @@ def _runner_main(config: dict) -> None:
     if os.getppid() != config["parent"]:  # it died before the line above
         return
     limits = config["limits"]
-    namespaces = config["namespaces"]
-    if namespaces:
-        try:
-            _libc_call(libc, "unshare", _CLONE_NEWNS | _CLONE_NEWPID | _CLONE_NEWNET)
-        except OSError:
-            namespaces = False  # no CAP_SYS_ADMIN: the audit-hook fallback
+    mode, refused = _enter_namespaces(libc) if config["namespaces"] else ("none", "disabled by ZAYA_SANDBOX_NAMESPACES=0")
+    namespaces = mode != "none"
     # Without the mounts an own uid is only possible where Python is reachable for it.
     reachable = all(os.stat(a).st_mode & 0o001 for p in config["expose"] for a in _ancestors(p))
-    uid = UID_BASE + os.getpid() if os.geteuid() == 0 and (namespaces or reachable) else None
+    uid = UID_BASE + os.getpid() if mode != "user" and os.geteuid() == 0 and (namespaces or reachable) else None
+    # RLIMIT_NPROC holds for an own uid, and in a user namespace of ours (the kernel counts
+    # the tasks of each user namespace apart); it means nothing for root.
+    process_limit = uid is not None or mode == "user"
     # Orphans of the program's tree are re-parented to us, not to the host's init, so that
     # without a PID namespace a setsid and double fork still cannot leave our tree.
     _libc_call(libc, "prctl", _PR_SET_CHILD_SUBREAPER, 1)
-    timed_out = False
+    timed_out = stopped = False
+    pid = 0
+
+    def kill_init(signum, frame):
+        nonlocal timed_out, stopped
+        timed_out = timed_out or signum == signal.SIGALRM
+        stopped = True
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+
+    # Installed before the fork, so that a stop (SIGTERM) is never lost: one that comes
+    # before init exists is acted on right after the fork.
+    signal.signal(signal.SIGALRM, kill_init)
+    signal.signal(signal.SIGTERM, kill_init)
     pid = os.fork()
     if pid == 0:
-        _init_main(config, libc, uid, namespaces)  # never returns
-
-    def on_alarm(signum, frame):
-        nonlocal timed_out
-        timed_out = True
+        _init_main(config, libc, uid, namespaces, process_limit)  # never returns
+    if stopped:
         os.kill(pid, signal.SIGKILL)
-
-    signal.signal(signal.SIGALRM, on_alarm)
+    for fd in config["channel"]:  # only the program holds them now, so its end is seen
+        os.close(fd)
     signal.setitimer(signal.ITIMER_REAL, limits["wall_s"])
     _, status = os.waitpid(pid, 0)  # init exits only once its PID namespace is empty
     signal.setitimer(signal.ITIMER_REAL, 0)
     if not namespaces:  # with a PID namespace nothing outlives init
         _kill_descendants()
     code = os.waitstatus_to_exitcode(status)
-    print(json.dumps({"exit": code if code >= 0 else 128 - code, "timed_out": timed_out, "namespaces": namespaces}))
+    report = {"exit": code if code >= 0 else 128 - code, "timed_out": timed_out, "namespaces": mode, "refused": refused}
+    print(json.dumps(report))
+
+
+def _enter_namespaces(libc) -> tuple[str, str]:
+    """Mount, PID and network namespaces: ("host", "") as root, ("user", "") inside a new
+    user namespace otherwise, or ("none", why the kernel refused)."""
+    flags = _CLONE_NEWNS | _CLONE_NEWPID | _CLONE_NEWNET
+    if os.geteuid() == 0:
+        try:
+            _libc_call(libc, "unshare", flags)
+            return "host", ""
+        except OSError as e:
+            return "none", f"unshare of mount, PID and network namespaces as root: {e.strerror}"
+    uid, gid = os.geteuid(), os.getegid()
+    try:
+        # In the new user namespace we hold every capability over the namespaces created
+        # with it; our uid and gid map to themselves, so files keep their owners.
+        _libc_call(libc, "unshare", _CLONE_NEWUSER | flags)
+    except OSError as e:
+        return "none", f"unshare of a user namespace (CLONE_NEWUSER), not root: {e.strerror}"
+    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+        with open(f"/proc/self/{name}", "w") as f:  # setgroups first: gid_map needs it
+            f.write(text)
+    return "user", ""
 
 
 def _kill_descendants() -> None:
@@ -282,11 +409,14 @@ def _kill_descendants() -> None:
             return
 
 
-def _init_main(config: dict, libc, uid: int | None, namespaces: bool) -> None:
+def _init_main(config: dict, libc, uid: int | None, namespaces: bool, process_limit: bool) -> None:
     try:
         _libc_call(libc, "prctl", _PR_SET_PDEATHSIG, signal.SIGKILL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the runner's handler is not ours
         host_dir, limits = config["dir"], config["limits"]
         work = os.path.join(host_dir, "work")
+        # Out of the way of the fds opened below; they become CHANNEL_FDS after those.
+        channel = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in config["channel"]]
         stdio = [
             os.open(os.path.join(host_dir, "stdin"), os.O_RDONLY),
             os.open(os.path.join(host_dir, "stdout"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
@@ -294,7 +424,9 @@ def _init_main(config: dict, libc, uid: int | None, namespaces: bool) -> None:
         ]
         for target, fd in enumerate(stdio):  # also replaces the runner's status pipe
             os.dup2(fd, target)
-        os.closerange(3, 1 << 16)
+        for target, fd in zip(CHANNEL_FDS, channel):
+            os.dup2(fd, target)
+        os.closerange(3 + len(channel), 1 << 16)
         if namespaces:
             # The private directory moves onto the private /tmp (a tmpfs of bounded size),
             # so that what the program writes costs no disk and vanishes with the run.
@@ -316,7 +448,9 @@ def _init_main(config: dict, libc, uid: int | None, namespaces: bool) -> None:
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8"}
         program = os.fork()
         if program == 0:
-            _exec_program(libc, argv, env, limits, uid)
+            _exec_program(libc, argv, env, limits, uid, process_limit)
+        for fd in CHANNEL_FDS[: len(channel)]:  # only the program holds them now
+            os.close(fd)
         while True:  # PID 1 reaps orphans; it exits with the program
             pid, status = os.wait()
             if pid == program:
@@ -359,7 +493,7 @@ def _ancestors(path: str) -> list[str]:
     return ["/" + "/".join(parts[:i]) for i in range(1, len(parts))]
 
 
-def _exec_program(libc, argv: list[str], env: dict, limits: dict, uid: int | None) -> None:
+def _exec_program(libc, argv: list[str], env: dict, limits: dict, uid: int | None, process_limit: bool) -> None:
     try:
         # No setuid binary (su, mount, ...) can give the program back what it gives up here.
         _libc_call(libc, "prctl", _PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
@@ -371,7 +505,7 @@ def _exec_program(libc, argv: list[str], env: dict, limits: dict, uid: int | Non
             (resource.RLIMIT_FSIZE, (limits["file_bytes"],) * 2),
             (resource.RLIMIT_CORE, (0, 0)),
         ]
-        if uid is not None:  # RLIMIT_NPROC means nothing for root
+        if process_limit:
             rlimits.append((resource.RLIMIT_NPROC, (limits["num_processes"],) * 2))
         for which, value in rlimits:
             resource.setrlimit(which, value)

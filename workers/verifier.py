@@ -22,7 +22,7 @@ from ray.util import metrics
 
 from rewards.code import CodeTests, CodeVerdict, verify_code
 from rewards.math import FORMATS, MathVerifier, Verdict, extract_answer
-from rewards.sandbox import Limits, remove_stale_dirs
+from rewards.sandbox import Limits, isolation, remove_stale_dirs
 from zaya_rl.deadlines import Deadlines, Hung, wait
 from zaya_rl.placement import cpu_placement
 from zaya_rl.recipe import TimeoutsConfig
@@ -45,6 +45,10 @@ class Verifier:
 
     def ping(self) -> bool:
         return True
+
+    def isolation(self) -> dict:
+        """What the code sandbox gets on this actor's node (rewards/sandbox.py)."""
+        return isolation()
 
 
 # The actor method that scores each kind, as calls and recovery events name it.
@@ -221,6 +225,11 @@ class VerifierPool:
             "seconds": self.seconds,
             "items_per_second": self.num_verified / self.seconds if self.seconds else 0.0,
         }
+
+    def isolation(self) -> dict:
+        """The code sandbox's isolation, as the first actor's node gives it (its first call:
+        within the deadline of a start)."""
+        return wait([self.actors[0].isolation.remote()], self.deadlines.start, "Verifier.isolation", self.actors[:1])[0]
 
     def shutdown(self) -> None:
         """Kill the actors (for good: no restart)."""

@@ -111,6 +111,17 @@ class Position:
     generated_tokens: int = 0
 
 
+@dataclass
+class InFlight:
+    """A batch of prompts the engines are sampling and nobody has collected yet."""
+
+    tasks: list[Task]
+    num_plain: int  # tasks[:num_plain] come from the curriculum, the rest are aggregation prompts
+    version: int  # the weights the engines held when it was sent
+    refs: list[ray.ObjectRef]  # each engine's chunk of groups
+    seconds: float  # the deadline of its generate calls: an engine's later calls queue behind them
+
+
 class Controller:
     def __init__(self, recipe: Recipe, run_dir: Path | None = None, resume: bool = False,
                  start_stage: str | None = None, init_from: Path | None = None):
@@ -149,6 +160,11 @@ class Controller:
         self.sources = {source.name: build_source(source, recipe.seed, exclude) for source in source_configs}
         self.curriculum_state: dict | None = None
         self.recent_rollouts: deque[tuple[Task, list[Completion]]] = deque(maxlen=256)
+        # Asynchronous RL: batches sent to the engines ahead of the learner; a resumed run sends
+        # the ones its checkpoint had in flight first.
+        self.in_flight: deque[InFlight] = deque()
+        self.resend: list[tuple[list[Task], int]] = []
+        self.dropped_batches = 0
         self.rng = random.Random(recipe.seed)
         if resumed is None:
             if resume:
@@ -200,6 +216,9 @@ class Controller:
         self._start_learners(resumed)
         self.verifiers = VerifierPool(res.num_verifiers, num_cpus=res.verifier_cpus, timeouts=self.recipe.timeouts,
                                       node_labels=res.prefer_nodes.get("verifier"))
+        # Said at start, and kept in summary.json: how well code under test is walled off here.
+        self.summary["sandbox"] = self.verifiers.isolation()
+        print(f"zaya-rl: code sandbox: {self.summary['sandbox']['summary']}")
         self.weights_version = 0
 
     def _start_rollout(self, index: int, model_path: Path):
@@ -275,6 +294,10 @@ class Controller:
             "curriculum": self.curriculum_state, "summary": self.summary,
             "metrics_records": self.metrics.num_records,
             "random": {"python": self.rng.getstate(), "torch": torch.get_rng_state().tolist()},
+            # Drawn from the data, not yet trained on: a resumed run samples them first.
+            "in_flight": [{"tasks": [t.to_dict() for t in tasks], "num_plain": num_plain}
+                          for tasks, num_plain in self.resend + [(b.tasks, b.num_plain) for b in self.in_flight]],
+            "dropped_batches": self.dropped_batches,
         }
 
         def fill(tmp: Path) -> None:
@@ -300,6 +323,9 @@ class Controller:
         py_state = state["random"]["python"]
         self.rng.setstate((py_state[0], tuple(py_state[1]), py_state[2]))
         torch.set_rng_state(torch.tensor(state["random"]["torch"], dtype=torch.uint8))
+        self.in_flight.clear()
+        self.resend = [([Task.from_dict(t) for t in b["tasks"]], b["num_plain"]) for b in state.get("in_flight", [])]
+        self.dropped_batches = state.get("dropped_batches", 0)
         return path / "model"
 
     def _recover(self, error: Exception) -> None:
@@ -317,6 +343,8 @@ class Controller:
         recoveries = self.summary["recoveries"]
         if resumed is None:
             self.position, self.curriculum_state = Position(), None
+            self.in_flight.clear()
+            self.resend = []
             for source in self.sources.values():
                 source.restore({"position": {}})
             self.summary = {**self.summary, "stages": {}}
@@ -497,6 +525,11 @@ class Controller:
         if isinstance(stage, RlStage):
             result["final_level"] = curriculum.level
             result["sources"] = curriculum.metrics()
+            # Batches sent ahead for steps this stage does not have: nobody trains on them.
+            self.in_flight.clear()
+            self.resend = []
+            result["staleness_histogram"] = self._staleness_histogram(stage.name)
+            result["dropped_batches"] = self.dropped_batches
         if stage.eval_at_end:
             self.sync_weights()
             result.update(self.evaluate(stage.eval))
@@ -508,6 +541,17 @@ class Controller:
         self.position = Position(stage_index=pos.stage_index + 1, global_step=pos.global_step)
         self.curriculum_state = None
         self.save_checkpoint()
+
+    def _staleness_histogram(self, stage_name: str) -> dict[str, int]:
+        """How many of the stage's steps trained on a batch of each staleness (from metrics.jsonl,
+        which a resumed run rewinds to its checkpoint: every step counted once)."""
+        counts: dict[str, int] = {}
+        with self.metrics.path.open() as records:
+            for line in records:
+                record = json.loads(line)
+                if record["stage"] == stage_name and "staleness" in record:
+                    counts[str(record["staleness"])] = counts.get(str(record["staleness"]), 0) + 1
+        return dict(sorted(counts.items()))
 
     def _curriculum(self, stage: SftStage | RlStage) -> AdaptiveCurriculum:
         """The stage's mixture over its sources; an sft stage only mixes (fixed levels)."""
@@ -630,29 +674,33 @@ class Controller:
             "reward": seen["correct"], "level": curriculum.level, "pass_rate": curriculum.pass_rate(),
             "kept_groups": len(groups), "sampled_groups": seen["groups"], "response_tokens": seen["tokens"],
             "aggregation_prompts": seen["aggregated"], "sources": curriculum.metrics(),
+            "staleness": seen["staleness"], "dropped_batches": self.dropped_batches, "tasks": seen["tasks"],
             **{f"verifier_{k}": v for k, v in self.verifiers.stats().items()},  # totals: deaths, timeouts
             "lr": lr, **stats,  # the learner's numbers and expert_load
         }
 
     def sample_groups(self, stage: RlStage, curriculum: AdaptiveCurriculum, times: StageTimes):
-        """Generate and score groups of samples. With dynamic sampling (DAPO) only groups whose
-        rewards differ are kept, and new prompts are drawn, up to `max_sampling_rounds` rounds,
-        until `prompts_per_step` groups are kept. Returns the kept groups, their (shaped)
-        rewards (groups, group_size), and what was seen: mean correctness, groups sampled,
-        mean length, aggregation prompts.
+        """Generated and scored groups of samples: the oldest batch in flight (`next_rollouts`).
+        With dynamic sampling (DAPO) only groups whose rewards differ are kept, and new prompts
+        are drawn and sampled now, up to `max_sampling_rounds` rounds, until `prompts_per_step`
+        groups are kept. Returns the kept groups, their (shaped) rewards (groups, group_size),
+        and what was seen: mean correctness, groups sampled, mean length, aggregation prompts,
+        the first batch's staleness (optimizer steps between its weights and the learner's).
         """
         cfg, rollout = stage.algorithm, stage.rollout
         kept_groups: list[list[Completion]] = []
         kept_rewards: list[torch.Tensor] = []
         correct_sum, num_samples, num_tokens, num_aggregated = 0.0, 0, 0, 0
-        for _ in range(cfg.max_sampling_rounds):
-            need = stage.prompts_per_step - len(kept_groups)
-            aggregated = self.aggregation_tasks(stage, round(stage.aggregation_share * need))
-            plain = curriculum.next_batch(need - len(aggregated))
-            tasks = plain + aggregated
-            num_aggregated += len(aggregated)
-            groups = self.generate([t.prompt for t in tasks], rollout.group_size, rollout.temperature,
-                                   rollout.max_tokens, times)
+        for sampling_round in range(cfg.max_sampling_rounds):
+            if sampling_round == 0:
+                sent, groups, staleness = self.next_rollouts(stage, curriculum, times)
+                tasks, num_plain = sent.tasks, sent.num_plain
+            else:
+                tasks, num_plain = self.draw_tasks(stage, curriculum, stage.prompts_per_step - len(kept_groups))
+                groups = self.generate([t.prompt for t in tasks], rollout.group_size, rollout.temperature,
+                                       rollout.max_tokens, times)
+            plain = tasks[:num_plain]
+            num_aggregated += len(tasks) - num_plain
             flat = [c for group in groups for c in group]
             with Timer(times, "verify"):
                 correct = self.score_tasks([t for t in tasks for _ in range(rollout.group_size)],
@@ -672,8 +720,56 @@ class Controller:
                 break
         rewards = torch.stack(kept_rewards) if kept_rewards else torch.zeros(0, rollout.group_size)
         seen = {"correct": correct_sum / num_samples, "groups": num_samples // rollout.group_size,
-                "tokens": num_tokens / num_samples, "aggregated": num_aggregated}
+                "tokens": num_tokens / num_samples, "aggregated": num_aggregated, "staleness": staleness,
+                "tasks": [t.uid for t in sent.tasks]}
         return kept_groups, rewards, seen
+
+    def draw_tasks(self, stage: RlStage, curriculum: AdaptiveCurriculum, count: int) -> tuple[list[Task], int]:
+        """`count` prompts: the stage's share of aggregation prompts over recent rollouts, the
+        rest from the curriculum (first, and how many)."""
+        aggregated = self.aggregation_tasks(stage, round(stage.aggregation_share * count))
+        plain = curriculum.next_batch(count - len(aggregated))
+        return plain + aggregated, len(plain)
+
+    def next_rollouts(self, stage: RlStage, curriculum: AdaptiveCurriculum,
+                      times: StageTimes) -> tuple[InFlight, list[list[Completion]], int]:
+        """The oldest batch in flight, its groups and its staleness, once the engines have
+        `max_off_policy_steps` + 1 batches (bound 0: one, sent now with the current weights:
+        the synchronous loop). While the learner trains on this one the engines sample the next,
+        with the weights they hold; a batch whose weights are older than the bound is dropped
+        and counted, never trained on."""
+        bound = stage.algorithm.max_off_policy_steps
+        while True:
+            while len(self.in_flight) <= bound:
+                self.in_flight.append(self._send_batch(stage, curriculum))
+            sent = self.in_flight.popleft()
+            staleness = self.weights_version - sent.version
+            if staleness <= bound:
+                break
+            self.dropped_batches += 1
+        with Timer(times, "generate"):  # the wait for it: the rest overlapped the learner
+            groups = self._collect(sent, stage)
+        times.generated_tokens += sum(len(c.token_ids) for group in groups for c in group)
+        return sent, groups, self.weights_version - sent.version
+
+    def _send_batch(self, stage: RlStage, curriculum: AdaptiveCurriculum) -> InFlight:
+        tasks, num_plain = self.resend.pop(0) if self.resend else self.draw_tasks(stage, curriculum,
+                                                                                   stage.prompts_per_step)
+        rollout = stage.rollout
+        refs = self._send([t.prompt for t in tasks], rollout.group_size, rollout.temperature, rollout.max_tokens)
+        return InFlight(tasks, num_plain, self.weights_version, refs,
+                        self._generate_seconds(len(tasks), rollout.group_size, rollout.max_tokens))
+
+    def _collect(self, sent: InFlight, stage: RlStage) -> list[list[Completion]]:
+        """A sent batch's groups. When `_gather` throws it away (an engine failed, or Ray restarted
+        it, while the batch was in flight), it is sampled again, now, with the current weights."""
+        rollout = stage.rollout
+        groups = self._gather(sent.refs, len(sent.tasks), rollout.group_size, rollout.max_tokens, sent.version)
+        if groups is not None:
+            return groups
+        sent.version = self.weights_version
+        return self._generate([t.prompt for t in sent.tasks], rollout.group_size, rollout.temperature,
+                              rollout.max_tokens, None)
 
     def aggregation_tasks(self, stage: RlStage, count: int) -> list[Task]:
         """Self-aggregation (docs/methods.md, "Training for aggregation"): the same task, prompted
@@ -705,37 +801,47 @@ class Controller:
 
     def _generate(self, prompts: list[str], n: int, temperature: float, max_tokens: int,
                   seed: int | None) -> list[list[Completion]]:
-        """Fan prompts out over the rollout workers in contiguous chunks; gather in order.
-
-        A worker that failed during the call (died, lost with its node, or hung) is waited for
-        until Ray has restarted it; one that Ray restarted between calls generated on the
-        initial weights. Either way the batch is thrown away, the current weights pushed again,
-        and the batch generated anew.
-        """
-        size = -(-len(prompts) // len(self.rollouts))
-        chunks = [(w, prompts[i * size:(i + 1) * size]) for i, w in enumerate(self.rollouts)
-                  if prompts[i * size:(i + 1) * size]]
-        workers = [w for w, _ in chunks]
+        """`_send` and gather in order (`_gather`); a batch `_gather` throws away is generated anew."""
         while True:
-            refs = [w.generate.remote(chunk, n, temperature, max_tokens, seed) for w, chunk in chunks]
-            answers = self._wait_rollouts(refs, workers, self.deadlines.generate(size * n, max_tokens), "generate")
-            if answers is None:  # a worker failed and was restarted: the event is recorded
-                self.sync_weights()
-                continue
-            versions = self._wait_rollouts([w.version.remote() for w in workers], workers, self.deadlines.small,
-                                           "version")
-            if versions is None:
-                self.sync_weights()
-                continue
-            stale = [f"rollout-{self.rollouts.index(w)}" for w, v in zip(workers, versions)
-                     if v != self.weights_version]
-            if not stale:
-                return [group for chunk in answers for group in chunk]
-            start, detected = time.perf_counter(), time.time()
+            groups = self._gather(self._send(prompts, n, temperature, max_tokens, seed), len(prompts), n, max_tokens,
+                                  self.weights_version)
+            if groups is not None:
+                return groups
+
+    def _gather(self, refs: list[ray.ObjectRef], num_prompts: int, n: int, max_tokens: int,
+                version: int) -> list[list[Completion]] | None:
+        """The groups of a sent batch in order, or None when the batch is thrown away: a worker
+        failed while sampling it (died, unavailable, or hung: it is waited for until Ray has
+        restarted it), or Ray had restarted it before (it sampled with its initial weights, a
+        version below `version`, the weights the batch was sent with). Before None the current
+        weights are pushed again."""
+        workers = self.rollouts[:len(refs)]  # _send's chunks go to the first workers
+        answers = self._wait_rollouts(refs, workers, self._generate_seconds(num_prompts, n, max_tokens), "generate")
+        versions = None if answers is None else self._wait_rollouts(
+            [w.version.remote() for w in workers], workers, self.deadlines.small, "version")
+        if versions is None:  # a worker failed and was restarted: the event is recorded
             self.sync_weights()
-            self._record_recovery({"role": "rollout", "fault": "died", "call": "RolloutWorker.generate",
-                                   "actors": stale, "action": CALLED_AGAIN, "detected_at": detected,
-                                   "recovery_seconds": time.perf_counter() - start})
+            return None
+        stale = [f"rollout-{i}" for i, v in enumerate(versions) if v < version]
+        if not stale:
+            return [group for chunk in answers for group in chunk]
+        start, detected = time.perf_counter(), time.time()
+        self.sync_weights()
+        self._record_recovery({"role": "rollout", "fault": "died", "call": "RolloutWorker.generate", "actors": stale,
+                               "action": CALLED_AGAIN, "detected_at": detected,
+                               "recovery_seconds": time.perf_counter() - start})
+        return None
+
+    def _generate_seconds(self, num_prompts: int, n: int, max_tokens: int) -> float:
+        """The deadline of `_send`'s calls: the largest chunk's."""
+        return self.deadlines.generate(-(-num_prompts // len(self.rollouts)) * n, max_tokens)
+
+    def _send(self, prompts: list[str], n: int, temperature: float, max_tokens: int,
+              seed: int | None = None) -> list[ray.ObjectRef]:
+        """Fan prompts out over the rollout workers in contiguous chunks, without waiting."""
+        size = -(-len(prompts) // len(self.rollouts))
+        return [w.generate.remote(prompts[i * size:(i + 1) * size], n, temperature, max_tokens, seed)
+                for i, w in enumerate(self.rollouts) if prompts[i * size:(i + 1) * size]]
 
     def sync_weights(self) -> None:
         """The learner's weights into every engine: through the object store on the CPU; on
@@ -747,14 +853,16 @@ class Controller:
             pushed = self._push_weights()
 
     def _push_weights(self) -> list | None:
-        """Every engine's new weights version, or None when a rollout worker failed."""
-        workers, seconds = self.rollouts, self.deadlines.sync()
+        """Every engine's new weights version, or None when a rollout worker failed. The engines
+        take the weights after the batches in flight (asynchronous RL): their time counts too."""
+        queued = sum(batch.seconds for batch in self.in_flight)
+        workers, seconds = self.rollouts, queued + self.deadlines.sync()
         if self.weight_transfer == "object_store":
             state = self.learners.state_dict_ref()
             return self._wait_rollouts([w.load_weights.remote(state, self.weights_version) for w in workers],
                                        workers, seconds, "load_weights")
-        if self._wait_rollouts([w.start_weight_update.remote() for w in workers], workers, self.deadlines.small,
-                               "start_weight_update") is None:
+        if self._wait_rollouts([w.start_weight_update.remote() for w in workers], workers,
+                               queued + self.deadlines.small, "start_weight_update") is None:
             return None
         if self.weight_transfer == "ipc":
             self.learners.send_weights_ipc(workers, self.weight_dtype)

@@ -278,10 +278,23 @@ class AlgorithmConfig(StrictModel):
                                 "computing only the gate weights itself; needs rollout_engine 'vllm'")
     router_aux_loss_coef: float = Field(0.0, ge=0.0, description="weight of the model's load-balancing loss "
                                         "in the RL loss (Qwen3-MoE's own: 0.001); 0 only reports it")
+    max_off_policy_steps: int = Field(
+        0, ge=0, description="asynchronous RL: the engines sample the next batches while the learner trains, "
+        "with weights at most this many optimizer steps old; an older batch is dropped, never trained on. "
+        "0: the synchronous loop. Above 0, tis_cap defaults to 2 (the engine's log-probs are the behaviour "
+        "policy)")
     max_logprob_drift: float | None = Field(
         0.25, gt=0.0, description="stop the run when the engine's and the learner's log-probs of the sampled "
         "tokens differ by more than this per token on average (a failed weight sync, mismatched dtypes or "
         "kernels); fp32 on CPU agrees to about 1e-5, bf16 on GPU to about 1e-2; null never stops")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _off_policy_correction(cls, values: Any) -> Any:
+        """Stale samples come from an older policy than the learner's: correct for it by default."""
+        if isinstance(values, dict) and (values.get("max_off_policy_steps") or 0) > 0 and "tis_cap" not in values:
+            values = {**values, "tis_cap": 2.0}
+        return values
 
     @model_validator(mode="after")
     def _check(self) -> AlgorithmConfig:
@@ -647,6 +660,10 @@ class Recipe(StrictModel):
                 isinstance(s, RlStage) and s.algorithm.router_replay for s in self.stages):
             raise ValueError("algorithm.router_replay needs resources.rollout_engine 'vllm'")
         for i, stage in enumerate(self.stages):
+            colocated = self.resources.on_gpu and self.resources.placement == "colocated"
+            if colocated and isinstance(stage, RlStage) and stage.algorithm.max_off_policy_steps > 0:
+                raise _at(f"stages.{i}.algorithm.max_off_policy_steps", "colocated engines sleep while the "
+                          "learner trains, so nothing overlaps: asynchronous RL needs resources.placement split")
             if self.resources.on_gpu and isinstance(stage, RlStage) and stage.algorithm.router_replay:
                 # The routing is captured by a Python hook in each router, which CUDA graphs replay without.
                 raise _at(f"stages.{i}.algorithm.router_replay", "algorithm.router_replay runs with CPU engines "

@@ -241,7 +241,8 @@ def code_tasks(cfg: CodeSource) -> list[Task]:
         tasks.append(Task(
             uid=f"{cfg.name}/{where.rsplit(':', 1)[1]}", prompt=CODE_INSTRUCTION + prompt, answer="",
             solution=f"```python\n{solution}\n```" if solution else "", level=0, source=cfg.name,
-            tests=AssertTests(_field(where, row, fields["test"]), _field(where, row, fields["entry_point"]))))
+            # The task's own code goes to the judge: the helpers a test calls come from it, not the program.
+            tests=AssertTests(_field(where, row, fields["test"]), _field(where, row, fields["entry_point"]), prompt)))
     return tasks
 
 

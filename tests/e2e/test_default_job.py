@@ -23,6 +23,10 @@ pytestmark = pytest.mark.ray
 def check_run_dir(run_dir: Path, rl_steps: int):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert set(summary["stages"]) == {"warmup", "rl"}
+    # The code sandbox's isolation is reported; these machines run as root: host namespaces.
+    assert summary["sandbox"]["namespaces"] == "host" and summary["sandbox"]["network"] == "network namespace"
+    assert summary["placement"] == {"placement": "cpu", "gpus": 0, "learner_devices": ["cpu"],
+                                    "weight_transfer": "object_store"}
     for stage in summary["stages"].values():
         assert 0.0 <= stage["eval_accuracy"] <= 1.0
         assert stage["eval_sampled"]["n"] == 24

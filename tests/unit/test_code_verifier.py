@@ -52,7 +52,7 @@ def test_stdio_passes_with_whitespace_normalised():
         ("def add(a, b):\n    return add(a, b)\n", ADD_CALLS, CodeVerdict(False, 0.0, "recursion limit on test 1")),
         ("def add(a, b):\n    return 1 / 0\n", ADD_CALLS, CodeVerdict(False, 0.0, "runtime error: ZeroDivisionError: division by zero on test 1")),
         ("raise ValueError('at import')\n", ADD_CALLS, CodeVerdict(False, 0.0, "runtime error: ValueError: at import")),
-        ("def other(a, b):\n    return a + b\n", ADD_CALLS, CodeVerdict(False, 0.0, "runtime error: KeyError: 'add' on test 1")),
+        ("def other(a, b):\n    return a + b\n", ADD_CALLS, CodeVerdict(False, 0.0, "runtime error: NameError: name 'add' is not defined on test 1")),
     ],
 )
 def test_failure_reasons(program, tests, verdict):
@@ -85,6 +85,16 @@ def test_a_hang_in_c_code_is_killed_by_the_total_limit():
 def test_gaming_the_harness_fails(program):
     verdict = verify_code(program, ADD_CALLS, LIMITS)
     assert not verdict.passed and verdict.fraction == 0.0, verdict
+
+
+def test_a_broken_test_is_an_error_of_the_verifier():
+    program = "def add(a, b):\n    return a + b\n"
+    no_check = AssertTests("def test_add(candidate):\n    assert candidate(1, 2) == 3\n", "add")
+    assert verify_code(program, no_check, LIMITS) == CodeVerdict(False, 0.0, "error: the test defines no check(candidate) on test 1")
+    passes_a_function = AssertTests("def check(candidate):\n    assert candidate(len, 2) == 3\n", "add")
+    assert verify_code(program, passes_a_function, LIMITS) == CodeVerdict(
+        False, 0.0, "error: the test passes the program a value that cannot cross: a builtin_function_or_method "
+                    "is not plain data (None, bool, int, float, str, bytes, list, tuple, set, frozenset, dict) on test 1")
 
 
 def test_no_tests_is_an_error():

@@ -3,6 +3,8 @@ every canonical solution passes and a deliberately broken variant of each fails.
 
 The broken variant keeps the prompt (signature, docstring, helpers) and replaces the body
 with `return None`; no HumanEval check accepts None for every input, so each must fail.
+The tests get the prompt too (`AssertTests.prompt`): three of them (32, 38, 50) call a
+helper that the prompt defines, which must come from the task, not from the program.
 A small thread pool keeps the 328 sandboxed runs to well under a minute on 2 cores.
 """
 
@@ -33,7 +35,7 @@ def _score_all(problems: list[dict], bodies: list[str]) -> dict[str, str]:
     """task_id -> reason, for the prompt of each problem completed by its body."""
     def score(args):
         problem, body = args
-        tests = AssertTests(problem["test"], problem["entry_point"])
+        tests = AssertTests(problem["test"], problem["entry_point"], problem["prompt"])
         return problem["task_id"], verify_code(problem["prompt"] + body, tests, LIMITS).reason
 
     with ThreadPoolExecutor(max_workers=3) as pool:

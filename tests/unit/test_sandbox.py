@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from rewards.code import StdioTests, verify_code
-from rewards.sandbox import UID_BASE, Limits, isolation, network_isolation, run_python
+from rewards.sandbox import UID_BASE, Limits, isolation, network_isolation, run_python, start_python
 
 # SHORT for programs that should run into the time limit; ROOMY for the others, so that a
 # machine at load 20 (seen here) does not turn their reason into a timeout.
@@ -62,7 +62,12 @@ def _check(program: str, limits: Limits = ROOMY) -> tuple[str, float]:
 
 def test_isolation_on_this_machine():
     # Sessions and CI run as root with CAP_SYS_ADMIN: the full isolation is expected here.
+    # (tests/unit/test_unprivileged.py holds a non-root run to the user-namespace report.)
     assert isolation() == {
+        "summary": "namespaces (root): mount, PID and network namespaces; the program runs as its own uid, "
+                   "with a process limit",
+        "namespaces": "host",
+        "refused": "",
         "network": "network namespace",
         "pid_namespace": True,
         "private_tmp": True,
@@ -71,6 +76,44 @@ def test_isolation_on_this_machine():
         "error": "",
     }
     assert network_isolation() == "network namespace"
+
+
+def test_isolation_without_namespaces_says_it_is_weak(monkeypatch, caplog):
+    monkeypatch.setenv("ZAYA_SANDBOX_NAMESPACES", "0")
+    isolation.cache_clear()
+    try:
+        report = isolation()
+    finally:
+        isolation.cache_clear()
+    assert report["summary"].startswith("WEAK: no namespaces (disabled by ZAYA_SANDBOX_NAMESPACES=0): "
+                                        "network blocked only by an audit hook that ctypes goes around")
+    assert (report["namespaces"], report["network"], report["pid_namespace"]) == ("none", "audit hook", False)
+    assert "WEAK" in caplog.text  # logged as a warning, not only returned
+
+
+def test_a_channel_reaches_the_program_and_a_stop_ends_it():
+    # The program gets the two pipe ends as fds 3 and 4 and nothing else of ours; stop()
+    # ends it long before its wall limit.
+    requests_read, requests_write = os.pipe()
+    answers_read, answers_write = os.pipe()
+    program = (
+        "import os, time\n"
+        "print(sorted(int(fd) for fd in os.listdir('/proc/self/fd')), flush=True)\n"
+        "os.write(4, os.read(3, 100).upper())\n"
+        "time.sleep(10**6)\n"
+    )
+    run = start_python(program, limits=ROOMY, channel=(requests_read, answers_write))
+    os.close(requests_read)
+    os.close(answers_write)
+    os.write(requests_write, b"hello")
+    assert os.read(answers_read, 100) == b"HELLO"
+    run.stop()
+    result = run.wait()
+    assert os.read(answers_read, 100) == b""  # nothing holds the program's end any more
+    os.close(requests_write)
+    os.close(answers_read)
+    assert result.stdout == "[0, 1, 2, 3, 4, 5]\n"  # 5: the listing's own fd
+    assert not result.timed_out and result.returncode == -9 and result.seconds < ROOMY.wall_s
 
 
 def test_runs_a_program_in_a_private_directory():

@@ -1,0 +1,78 @@
+"""Does asynchronous RL buy speed without costing learning? The default recipe's RL stage from
+one warmup checkpoint at staleness bounds 0 (the synchronous loop), 1 and 2
+(`algorithm.max_off_policy_steps`), bounded by steps, side by side: RL steps per second of the
+stage's loop (evaluation left out) and the training reward per step.
+
+    python -m benchmarks.async_rl [--recipe recipes/tiny.yaml] [--steps 40] [--out benchmarks/results]
+
+The warmup runs once (`zaya-rl run --stage warmup`-style: the recipe's first stage); each bound
+then runs the RL stage from its checkpoint (`--stage rl --from`). Writes async_rl.json and
+plots/async_rl.png (reward per step, and the reward's running mean over 10 steps). Through
+`zaya-rl run`, so on a GPU recipe with split placement it measures the GPU loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks.report import curves_plot, machine, text_table, write_json
+from zaya_rl.recipe import RlStage, SftStage, load_recipe
+
+BOUNDS = (0, 1, 2)
+
+
+def run(recipe: Path, run_dir: Path, *extra: str) -> dict:
+    subprocess.run([sys.executable, "-m", "zaya_rl.cli", "run", str(recipe), "--run-dir", str(run_dir), *extra],
+                   check=True)
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--recipe", type=Path, default=Path("recipes/tiny.yaml"))
+    parser.add_argument("--steps", type=int, default=40, help="RL steps of each run")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args(argv)
+    recipe = load_recipe(args.recipe)
+    warmup = next(s for s in recipe.stages if isinstance(s, SftStage))
+    rl = next(s for s in recipe.stages if isinstance(s, RlStage))
+    runs = args.out / "runs" / "async_rl"
+    first = run(args.recipe, runs / "warmup", "--set", f"stages={json.dumps([warmup.model_dump(mode='json')])}")
+    start = first["stages"][warmup.name]["checkpoint"]
+
+    rows, rewards = {}, {}
+    for bound in BOUNDS:
+        run_dir = runs / f"bound{bound}"
+        summary = run(args.recipe, run_dir, "--stage", rl.name, "--from", start,
+                      "--set", f"stages.{rl.name}.steps={args.steps}", "--set", f"stages.{rl.name}.max_seconds=null",
+                      "--set", f"algorithm.max_off_policy_steps={bound}")
+        stage = summary["stages"][rl.name]
+        steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        steps = [r for r in steps if r["stage"] == rl.name and "reward" in r]
+        rewards[f"bound {bound}"] = [r["reward"] for r in steps]
+        rows[bound] = {"steps": stage["steps"], "loop_seconds": stage["train_seconds"],
+                       "steps_per_second": stage["steps"] / stage["train_seconds"],
+                       "phase_seconds": stage["phase_seconds"], "staleness_histogram": stage["staleness_histogram"],
+                       "dropped_batches": stage["dropped_batches"], "mean_reward": sum(rewards[f"bound {bound}"]) / len(steps),
+                       "mean_reward_last_half": sum(rewards[f"bound {bound}"][len(steps) // 2:]) / (len(steps) - len(steps) // 2),
+                       "eval_sampled": stage["eval_sampled"]["accuracy"], "eval_greedy": stage["eval_greedy"]["accuracy"]}
+    for row in rows.values():
+        row["speedup_over_bound_0"] = row["steps_per_second"] / rows[0]["steps_per_second"]
+    result = {"machine": machine(), "recipe": str(args.recipe), "rl_steps": args.steps, "rows": rows}
+    write_json(args.out / "async_rl.json", result)
+    curves_plot(args.out / "plots" / "async_rl.png", f"{recipe.name}: RL from one warmup at staleness bounds 0-2",
+                rewards, {f"bound {b}": [(args.steps, rows[b]["eval_sampled"])] for b in BOUNDS})
+    print(text_table(f"\n{recipe.name}: {args.steps} RL steps from one warmup, by staleness bound",
+                     ["bound", "steps/s", "speed-up", "mean reward", "reward, last half", "held-out sampled",
+                      "staleness"],
+                     [[b, r["steps_per_second"], r["speedup_over_bound_0"], r["mean_reward"], r["mean_reward_last_half"],
+                       r["eval_sampled"], json.dumps(r["staleness_histogram"])] for b, r in rows.items()]))
+    return result
+
+
+if __name__ == "__main__":
+    main()
