@@ -29,9 +29,10 @@ import numpy as np
 import ray
 import torch
 
+from zaya_rl.deadlines import Deadlines, wait, wait_ready
 from zaya_rl.models import weights_as_tensors, weights_for_transport
-from zaya_rl.placement import Slot, actor_options
-from zaya_rl.recipe import AlgorithmConfig, DeepSpeedConfig
+from zaya_rl.placement import Slot, actor_options, on_driver_node
+from zaya_rl.recipe import AlgorithmConfig, DeepSpeedConfig, TimeoutsConfig
 from zaya_rl.router_replay import replay_routing, routing_mismatch
 
 # Files of a checkpoint directory that hold weights; everything else save() does not write
@@ -39,6 +40,11 @@ from zaya_rl.router_replay import replay_routing, routing_mismatch
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
 # The KL reference's weights, beside DeepSpeed's state in a run checkpoint
 REFERENCE_FILE = "kl_reference.safetensors"
+
+
+def weight_bytes(model_path: str | Path) -> int:
+    """Bytes of the weight files of a Hugging Face checkpoint directory."""
+    return sum(p.stat().st_size for p in Path(model_path).iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
 
 
 @dataclass
@@ -646,13 +652,17 @@ class LearnerWorker:
 
 class LearnerGroup:
     """`num_workers` data-parallel ranks; each step splits the batch evenly. With a placement
-    group each rank takes its `slots` entry (GPU share and bundle); the ranks meet at rank 0's
-    node address. `start=False` places the ranks (their `devices` are known) and leaves
-    `start()` for later."""
+    group each rank takes its `slots` entry (GPU share and bundle); without one the ranks start on
+    the driver's node when it has room. The ranks meet at rank 0's node address. `start=False`
+    places the ranks (their `devices` are known) and leaves `start()` for later.
+
+    Every call waits until its deadline (`timeouts`; zaya_rl/deadlines.py) and raises `Hung`
+    past it: the caller decides what to do with the group (the controller restores it from a
+    checkpoint)."""
 
     def __init__(self, num_workers: int, model_path: str, ds: DeepSpeedConfig, torch_threads: int = 1,
                  seed: int = 0, name: str = "learner", group=None, slots: list[Slot] | None = None,
-                 start: bool = True):
+                 start: bool = True, timeouts: TimeoutsConfig = TimeoutsConfig()):
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         self.num_workers = num_workers
@@ -660,14 +670,20 @@ class LearnerGroup:
         self.name, self.group = name, group
         self.slots = slots or [Slot(None, 0.0)] * num_workers
         self.settings = dict(model_path=str(model_path), ds=ds, torch_threads=torch_threads, seed=seed)
+        self.deadlines = Deadlines(timeouts, weight_bytes(model_path))
         self._place()
         if start:
             self.start()
 
     def _place(self) -> None:
-        self.workers = [LearnerWorker.options(name=f"{self.name}-{rank}", **actor_options(slot, self.group)).remote()
+        self.workers = [LearnerWorker.options(name=f"{self.name}-{rank}", **self._options(slot)).remote()
                         for rank, slot in enumerate(self.slots)]
-        self.devices: list[str] = ray.get([w.device.remote() for w in self.workers])
+        self.devices: list[str] = self._wait([w.device.remote() for w in self.workers], self.deadlines.start, "device")
+
+    def _options(self, slot: Slot) -> dict:
+        # The driver's node is one the run cannot lose anyway: stateful ranks there add no node
+        # whose loss costs a checkpoint restore (docs/operations.md, "Failures and recovery").
+        return actor_options(slot, self.group) if self.group is not None else on_driver_node()
 
     def start(self) -> None:
         """Build every rank's DeepSpeed engine; they rendezvous at rank 0's node."""
@@ -679,8 +695,9 @@ class LearnerGroup:
             setups = [w.setup.remote(rank=rank, world_size=self.num_workers, master_addr=address,
                                      master_port=port, **self.settings) for rank, w in enumerate(self.workers)]
             try:
-                ray.get(setups[0])  # first: the other ranks wait for rank 0, which may have failed
-                ray.get(setups[1:])
+                # Rank 0 first: the other ranks wait for it, and it may have failed.
+                self._wait(setups[:1], self.deadlines.start, "setup", self.workers[:1])
+                self._wait(setups[1:], self.deadlines.start, "setup", self.workers[1:])
                 return
             except ray.exceptions.RayTaskError as err:
                 self.shutdown()
@@ -690,51 +707,66 @@ class LearnerGroup:
 
     def _rendezvous(self) -> tuple[str, int]:
         """Rank 0's node address and a port free there."""
-        return ray.get(self.workers[0].address.remote())
+        return self._wait([self.workers[0].address.remote()], self.deadlines.small, "address", self.workers[:1])[0]
 
     def sft_step(self, batch: list[Sequence], lr: float) -> dict:
         shards = self._shards(batch)
-        return _merge(ray.get([w.sft_step.remote(s, lr) for w, s in zip(self.workers, shards)]))
+        return _merge(self._wait([w.sft_step.remote(s, lr) for w, s in zip(self.workers, shards)],
+                                 self._train_seconds(shards), "sft_step"))
 
     def rl_step(self, batch: list[Sequence], lr: float, algorithm: AlgorithmConfig,
                 minibatches: int = 1, temperature: float = 1.0) -> dict:
         shards = self._shards(batch)
-        return _merge(ray.get([w.rl_step.remote(s, lr, algorithm, minibatches, temperature)
-                               for w, s in zip(self.workers, shards)]))
+        return _merge(self._wait([w.rl_step.remote(s, lr, algorithm, minibatches, temperature)
+                                  for w, s in zip(self.workers, shards)], self._train_seconds(shards), "rl_step"))
 
     def logprobs(self, batch: list[Sequence], temperature: float = 1.0) -> list[list[float]]:
-        return ray.get(self._rank0_calls("logprobs", batch, temperature))[0]
+        return self._wait(self._rank0_calls("logprobs", batch, temperature), self._train_seconds([batch]),
+                          "logprobs")[0]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return weights_as_tensors(ray.get(self.state_dict_ref()))
 
     def state_dict_ref(self) -> ray.ObjectRef:
-        """Rank 0's weights (numpy arrays) as an object ref: rollout workers fetch them from the
-        object store."""
-        return self._rank0_calls("state_dict")[0]
+        """Rank 0's weights (numpy arrays) as an object ref, once they are in the object store:
+        rollout workers fetch them from there."""
+        refs = self._rank0_calls("state_dict")
+        wait_ready(refs, self.deadlines.sync(), "LearnerWorker.state_dict", self.workers)
+        return refs[0]
 
     def send_weights_ipc(self, engines: list, dtype: torch.dtype) -> None:
         """CUDA IPC handles of every rank's weights to the engines on their cards (all ranks take part)."""
-        ray.get([w.send_weights_ipc.remote(engines, dtype) for w in self.workers])
+        self._wait([w.send_weights_ipc.remote(engines, dtype) for w in self.workers], self.deadlines.sync(),
+                   "send_weights_ipc")
 
     def send_weights_nccl(self, dtype: torch.dtype) -> None:
         """Rank 0's broadcast to the engines' workers, which must be receiving (the others gather under ZeRO-3)."""
-        ray.get([w.send_weights_nccl.remote(dtype) for w in self.workers])
+        self._wait([w.send_weights_nccl.remote(dtype) for w in self.workers], self.deadlines.sync(),
+                   "send_weights_nccl")
 
     def save(self, path: str) -> None:
-        ray.get(self._rank0_calls("save", str(path)))
+        self._wait(self._rank0_calls("save", str(path)), self.deadlines.checkpoint(), "save")
 
     def save_state(self, path: str) -> None:
         """Every rank writes its own optimizer partition (one shared directory, one node)."""
-        ray.get([w.save_state.remote(str(path)) for w in self.workers])
+        self._wait([w.save_state.remote(str(path)) for w in self.workers], self.deadlines.checkpoint(), "save_state")
 
     def load_state(self, path: str) -> None:
-        ray.get([w.load_state.remote(str(path)) for w in self.workers])
+        self._wait([w.load_state.remote(str(path)) for w in self.workers], self.deadlines.checkpoint(), "load_state")
 
     def shutdown(self) -> None:
         for worker in self.workers:
             ray.kill(worker)
         self.workers = []
+
+    def _wait(self, refs: list[ray.ObjectRef], seconds: float, method: str, workers: list | None = None) -> list:
+        """The answers of calls on `workers` (default: every rank, rank 0 first), or `Hung`."""
+        return wait(refs, seconds, f"LearnerWorker.{method}", self.workers if workers is None else workers)
+
+    def _train_seconds(self, shards: list[list[Sequence]]) -> float:
+        """The deadline of a step: the largest shard's tokens (the ranks step together)."""
+        return self.deadlines.train(max(sum(len(s.prompt_ids) + len(s.completion_ids) for s in shard)
+                                        for shard in shards))
 
     def _rank0_calls(self, method: str, *args) -> list[ray.ObjectRef]:
         """Calls for a rank-0 answer, rank 0's first. Under ZeRO-3 every rank must call too: each

@@ -376,6 +376,8 @@ class Rollout:
                        self.engine.tokenizer, questions, cfg)
 
 
-@ray.remote(num_cpus=0, max_restarts=3, max_task_retries=2)
+# max_task_retries=0: the controller decides about a failed call (it pushes the weights to the
+# restarted worker first); Ray would rerun it on the initial weights.
+@ray.remote(num_cpus=0, max_restarts=3, max_task_retries=0)
 class RolloutWorker(Rollout):
     """Ray actor shell: the same methods, called remotely."""

@@ -3,10 +3,13 @@
 `VerifierActor` is a thin Ray shell: math and reasoning-gym answers go to its
 `rewards.math.MathVerifier` (a child process killed at a wall-clock limit per item), code to
 `rewards.code.verify_code` (each program in its own sandbox, with limits per test).
-`VerifierPool` splits a batch across the actors, retries a chunk once on the restarted actor
-when its actor dies, and counts what happened (as plain numbers and as Ray metrics: items,
-verifications per second, timeouts, sandbox violations, failures; tagged by kind, math
-(answers, reasoning-gym's included) or code). Importing this module does not start Ray.
+`VerifierPool` splits a batch across the actors (on the nodes they prefer), waits for each share
+until its deadline (the recipe's `timeouts`), retries a chunk once on the restarted actor when
+its actor died, its node was lost or it missed the deadline (hung: the pool kills it and Ray
+restarts it), keeps each such event for the run's record, and counts what happened (as plain
+numbers and as Ray metrics: items, verifications per second, timeouts, sandbox violations,
+failures, hangs; tagged by kind, math (answers, reasoning-gym's included) or code). Importing
+this module does not start Ray.
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ from ray.util import metrics
 from rewards.code import CodeTests, CodeVerdict, verify_code
 from rewards.math import FORMATS, MathVerifier, Verdict, extract_answer
 from rewards.sandbox import Limits, isolation, remove_stale_dirs
+from zaya_rl.deadlines import Deadlines, Hung, wait
+from zaya_rl.placement import cpu_placement
+from zaya_rl.recipe import TimeoutsConfig
 
 if TYPE_CHECKING:
     from rewards.gym import GymRef
-
-RESTART_WAIT_S = 60.0
 
 
 class Verifier:
@@ -47,6 +51,9 @@ class Verifier:
         return isolation()
 
 
+# The actor method that scores each kind, as calls and recovery events name it.
+METHODS = {"math": "Verifier.score", "code": "Verifier.score_code"}
+
 # max_task_retries=0: the pool decides about retries, so a chunk that kills its actor is not
 # replayed forever. The pool sets each actor's num_cpus.
 VerifierActor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)(Verifier)
@@ -63,19 +70,28 @@ class VerifierPool:
         name_prefix: str = "verifier",
         code_limits: Limits = Limits(wall_s=5.0, cpu_s=5),
         num_cpus: float = 0.0,
+        timeouts: TimeoutsConfig = TimeoutsConfig(),
+        node_labels: dict[str, str] | None = None,
     ) -> None:
-        """`num_cpus`: what Ray reserves for each actor (a run's recipe: resources.verifier_cpus)."""
+        """`num_cpus`: what Ray reserves for each actor (a run's recipe: resources.verifier_cpus);
+        `timeouts`: the deadlines of a share of a batch and of an actor's restart; `node_labels`:
+        the Ray node labels the actors prefer (resources.prefer_nodes.verifier; default: spread
+        over the nodes)."""
         if num_actors < 1:
             raise ValueError(f"num_actors must be >= 1, got {num_actors}")
         self.timeout_s = timeout_s
         self.code_limits = code_limits
-        self.actors = [VerifierActor.options(name=f"{name_prefix}-{i}", num_cpus=num_cpus).remote()
-                       for i in range(num_actors)]
+        self.deadlines = Deadlines(timeouts)
+        self.names = [f"{name_prefix}-{i}" for i in range(num_actors)]
+        self.actors = [VerifierActor.options(name=name, num_cpus=num_cpus, **cpu_placement(node_labels)).remote()
+                       for name in self.names]
         self.num_verified = 0
         self.num_timeouts = 0
         self.num_failures = 0
         self.num_violations = 0
+        self.num_hangs = 0
         self.seconds = 0.0
+        self.events: list[dict] = []  # faults of actors and what was done, until take_events()
         self._metrics: dict | None = None
 
     def score(self, completions: list[str], golds: list[str | GymRef],
@@ -102,53 +118,82 @@ class VerifierPool:
         return self._fan_out("code", items, lambda actor, chunk: actor.score_code.remote(chunk, limits), died)
 
     def _fan_out(self, kind: str, items: list, submit, died) -> list:
-        """Contiguous chunks, one per actor; a chunk whose actor died is retried once on the
-        restarted actor, then scored `died`."""
+        """Contiguous chunks, one per actor, all due by one deadline (they run side by side); a
+        chunk whose actor died, was lost with its node or hung is retried once on the restarted
+        actor, then scored `died`."""
         start = time.perf_counter()
         size = max(1, -(-len(items) // len(self.actors)))  # ceil
-        jobs = [(actor, items[lo : lo + size]) for actor, lo in zip(self.actors, range(0, len(items), size))]
-        refs = [submit(actor, chunk) for actor, chunk in jobs]
-        verdicts = []
-        for (actor, chunk), ref in zip(jobs, refs):
-            result = self._get(ref)
-            if result is None and self._wait_alive(actor):
-                result = self._get(submit(actor, chunk))
+        jobs = [(index, items[lo : lo + size]) for index, lo in enumerate(range(0, len(items), size))]
+        refs = [submit(self.actors[index], chunk) for index, chunk in jobs]
+        due = time.monotonic() + self.deadlines.score(size)
+        verdicts, hangs = [], 0
+        for (index, chunk), ref in zip(jobs, refs):
+            result, fault = self._get(index, ref, due, kind)
+            if fault is not None:
+                detected = time.time()
+                if self._wait_alive(self.actors[index]):
+                    result, again = self._get(index, submit(self.actors[index], chunk),
+                                              time.monotonic() + self.deadlines.score(len(chunk)), kind)
+                    hangs += again == "hung"
+                hangs += fault == "hung"
+                deadline = {"deadline_seconds": self.deadlines.score(size)} if fault == "hung" else {}
+                self.events.append({"role": "verifier", "fault": fault, "call": METHODS[kind], **deadline,
+                                    "actors": [self.names[index]], "detected_at": detected,
+                                    "recovery_seconds": time.time() - detected,
+                                    "action": "restarted, scored again" if result is not None
+                                    else "restarted, scored as failures"})
             verdicts += result if result is not None else [died] * len(chunk)
-        self._record(kind, verdicts, time.perf_counter() - start)
+        self._record(kind, verdicts, time.perf_counter() - start, hangs)
         return verdicts
 
-    @staticmethod
-    def _get(ref) -> list | None:
+    def _get(self, index: int, ref, due: float, kind: str) -> tuple[list | None, str | None]:
+        """The chunk's verdicts, or None and what happened to its actor: "died", "unavailable"
+        (Ray restarts it, or cannot reach its node) or "hung" (past `due`; the actor is killed
+        and Ray restarts it)."""
+        actor = self.actors[index]
         try:
-            return ray.get(ref)
+            return wait([ref], due - time.monotonic(), METHODS[kind], [actor])[0], None
+        except ray.exceptions.ActorUnavailableError:
+            return None, "unavailable"
         except ray.exceptions.RayActorError:
-            return None
+            return None, "died"
+        except Hung:
+            ray.kill(actor, no_restart=False)
+            return None, "hung"
 
-    @staticmethod
-    def _wait_alive(actor) -> bool:
-        deadline = time.monotonic() + RESTART_WAIT_S
+    def _wait_alive(self, actor) -> bool:
+        """Whether the actor answers again (Ray restarts it, on another node if its node is
+        lost) before the deadline of a start."""
+        deadline = time.monotonic() + self.deadlines.start
         while time.monotonic() < deadline:
             try:
-                return ray.get(actor.ping.remote(), timeout=max(deadline - time.monotonic(), 0.1))
+                return wait([actor.ping.remote()], deadline - time.monotonic(), "Verifier.ping", [actor])[0]
             except ray.exceptions.RayActorError:
                 time.sleep(0.2)
-            except ray.exceptions.GetTimeoutError:
+            except Hung:
                 break
         return False
 
-    def _record(self, kind: str, verdicts: list, seconds: float) -> None:
+    def take_events(self) -> list[dict]:
+        """The actor faults since the last call, oldest first."""
+        events, self.events = self.events, []
+        return events
+
+    def _record(self, kind: str, verdicts: list, seconds: float, hangs: int) -> None:
         counts = {
             "items": len(verdicts),
             # "timeout" for math, "timeout on test 3" for code
             "timeouts": sum(v.reason.startswith("timeout") for v in verdicts),
             "failures": sum(v.reason.startswith("error") for v in verdicts),
             "violations": sum(v.reason.startswith("sandbox violation") for v in verdicts),
+            "hangs": hangs,
             "seconds": seconds,
         }
         self.num_verified += counts["items"]
         self.num_timeouts += counts["timeouts"]
         self.num_failures += counts["failures"]
         self.num_violations += counts["violations"]
+        self.num_hangs += hangs
         self.seconds += seconds
         if self._metrics is None:  # lazily: a metric needs a running Ray
             tags = ("kind",)
@@ -159,6 +204,7 @@ class VerifierPool:
                 "violations": metrics.Counter(
                     "zaya_verifier_sandbox_violations", "Programs stopped by the sandbox (network, processes, ...).", tags
                 ),
+                "hangs": metrics.Counter("zaya_verifier_hangs", "Verifier actors killed at their deadline.", tags),
                 "seconds": metrics.Counter("zaya_verifier_seconds", "Wall time spent scoring batches.", tags),
                 "rate": metrics.Gauge("zaya_verifier_items_per_second", "Verifications per second, last batch.", tags),
             }
@@ -175,13 +221,15 @@ class VerifierPool:
             "num_timeouts": self.num_timeouts,
             "num_failures": self.num_failures,
             "num_violations": self.num_violations,
+            "num_hangs": self.num_hangs,
             "seconds": self.seconds,
             "items_per_second": self.num_verified / self.seconds if self.seconds else 0.0,
         }
 
     def isolation(self) -> dict:
-        """The code sandbox's isolation, as the first actor's node gives it."""
-        return ray.get(self.actors[0].isolation.remote())
+        """The code sandbox's isolation, as the first actor's node gives it (its first call:
+        within the deadline of a start)."""
+        return wait([self.actors[0].isolation.remote()], self.deadlines.start, "Verifier.isolation", self.actors[:1])[0]
 
     def shutdown(self) -> None:
         """Kill the actors (for good: no restart)."""

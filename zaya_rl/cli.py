@@ -1,20 +1,27 @@
-"""Command line: `zaya-rl run [--resume | --stage NAME --from CKPT] | validate | show RECIPE`,
-`zaya-rl eval` (test-time compute, zaya_rl/evaluate.py) and `zaya-rl report RUN_DIR` (plots,
-zaya_rl/report.py); `--set KEY=VALUE` overrides a field of the recipe.
+"""Command line: `zaya-rl run [--resume [auto] | --stage NAME --from CKPT] | supervise | validate |
+show RECIPE`, `zaya-rl eval` (test-time compute, zaya_rl/evaluate.py) and `zaya-rl report RUN_DIR`
+(plots, zaya_rl/report.py); `--set KEY=VALUE` overrides a field of the recipe.
 
 A recipe that cannot be run is reported (file, field, line) with exit code 2 before
-anything starts.
+anything starts. A run that fails on actors it could not recover exits with EXIT_RESUMABLE;
+`zaya-rl supervise` runs the driver again (with --resume auto) after that exit or its death.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 from zaya_rl.recipe import EvalConfig, Recipe, RecipeError, RolloutConfig, RsaSettings, dump_recipe, load_recipe
 from zaya_rl.rsa import RsaConfig
+
+# EX_TEMPFAIL: the run failed on actors or nodes; a new driver may get past it from the newest checkpoint.
+EXIT_RESUMABLE = 75
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,16 +30,23 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="run a recipe (starts a local Ray unless RAY_ADDRESS is set)")
     run.add_argument("recipe")
     run.add_argument("--run-dir", type=Path, help="overrides the recipe's run_dir")
-    run.add_argument("--resume", action="store_true",
-                     help="continue from the run directory's newest complete checkpoint")
+    run.add_argument("--resume", nargs="?", const="auto", choices=["auto"],
+                     help="continue from the run directory's newest complete checkpoint, or start anew when it "
+                          "has none ('auto'; the bare flag means the same); a checkpoint the recipe cannot "
+                          "continue from is refused")
     run.add_argument("--stage", help="start at this stage (skipping the ones before it)")
     run.add_argument("--from", dest="init_from", type=Path,
                      help="with --stage: the HF checkpoint to start from (default: the recipe's model)")
+    supervise = sub.add_parser("supervise", help="`run --resume auto`, run again the same way when its driver "
+                               "dies or fails on actors (a `ray job submit` entrypoint)")
+    supervise.add_argument("recipe")
+    supervise.add_argument("--run-dir", type=Path, help="overrides the recipe's run_dir")
+    supervise.add_argument("--max-restarts", type=int, default=3, help="drivers started after the first (default 3)")
     validate = sub.add_parser("validate", help="check a recipe and exit")
     validate.add_argument("recipe")
     show = sub.add_parser("show", help="print the fully resolved recipe")
     show.add_argument("recipe")
-    for command in (run, validate, show):
+    for command in (run, supervise, validate, show):
         add_set_argument(command)
     add_eval_parser(sub)
     report = sub.add_parser("report", help="plot a run (finished or running) into PNG files and one HTML page")
@@ -53,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "show":
         print(dump_recipe(recipe), end="")
         return 0
+    if args.command == "supervise":
+        if args.max_restarts < 0:
+            print(f"zaya-rl: --max-restarts must be >= 0, got {args.max_restarts}", file=sys.stderr)
+            return 2
+        return supervise_command(args, args.run_dir or recipe.run_dir)
 
     names = [stage.name for stage in recipe.stages]
     if args.stage is not None and args.stage not in names:
@@ -69,12 +88,19 @@ def main(argv: list[str] | None = None) -> int:
         print("zaya-rl: --resume takes the position from the checkpoint; drop --stage/--from", file=sys.stderr)
         return 2
 
+    import ray
+
     from zaya_rl.checkpoint import ResumeError
     from zaya_rl.controller import Controller, LogprobDriftError
+    from zaya_rl.deadlines import Hung
     from zaya_rl.placement import PlacementError
 
+    # Faults of actors the run could not recover from (or that came at its start).
+    actor_faults = (ray.exceptions.RayActorError, Hung)
+    resume_hint = ("`zaya-rl run --resume auto` continues from the newest checkpoint "
+                   "(`zaya-rl supervise` does it itself)")
     try:
-        controller = Controller(recipe, args.run_dir, resume=args.resume, start_stage=args.stage,
+        controller = Controller(recipe, args.run_dir, resume=args.resume is not None, start_stage=args.stage,
                                 init_from=args.init_from)
     except ResumeError as err:
         print(f"zaya-rl: cannot resume: {err}", file=sys.stderr)
@@ -82,15 +108,54 @@ def main(argv: list[str] | None = None) -> int:
     except PlacementError as err:
         print(f"zaya-rl: the cluster cannot hold this recipe's resources: {err}", file=sys.stderr)
         return 2
+    except actor_faults as err:
+        print(f"zaya-rl: the run failed while starting: {type(err).__name__}: {err}\n{resume_hint}", file=sys.stderr)
+        return EXIT_RESUMABLE
     try:
         summary = controller.run()
     except LogprobDriftError as err:
         print(f"zaya-rl: stopped: {err}; the run's checkpoints are kept", file=sys.stderr)
         return 1
+    except actor_faults as err:
+        print(f"zaya-rl: the run failed: {type(err).__name__}: {err}\n{resume_hint}", file=sys.stderr)
+        return EXIT_RESUMABLE
     finally:
         controller.shutdown()
     print_summary(summary)
     return 0
+
+
+def supervise_command(args, run_dir: Path) -> int:
+    """Run the recipe's driver with --resume auto until it finishes, stops for a reason of its
+    own (exit 0, 1, 2) or has been restarted --max-restarts times. A driver that died (a
+    signal: killed, out of memory) or failed on actors (EXIT_RESUMABLE) is started again. Each
+    driver's end is appended to RUN_DIR/supervise.jsonl. SIGTERM and SIGINT (`ray job stop`,
+    Ctrl-C) go on to the driver and end the supervision."""
+    command = [sys.executable, "-m", "zaya_rl.cli", "run", args.recipe, "--resume", "auto", "--run-dir", str(run_dir),
+               *(f"--set={item}" for item in args.overrides)]
+    stopping: list[int] = []
+    driver: subprocess.Popen | None = None
+
+    def stop(signum, frame) -> None:
+        stopping.append(signum)
+        if driver is not None and driver.poll() is None:
+            driver.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for restart in range(args.max_restarts + 1):
+        driver = subprocess.Popen(command)
+        code = driver.wait()
+        again = not stopping and (code < 0 or code == EXIT_RESUMABLE) and restart < args.max_restarts
+        with open(run_dir / "supervise.jsonl", "a") as log:
+            log.write(json.dumps({"time": time.time(), "pid": driver.pid, "exit": code, "restarting": again}) + "\n")
+        if not again:
+            break
+        why = f"died of signal {-code}" if code < 0 else "failed on actors"
+        print(f"zaya-rl supervise: the driver {why}; starting it again with --resume auto "
+              f"({restart + 1} of {args.max_restarts})", file=sys.stderr)
+    return code if code >= 0 else 128 - code
 
 
 def add_set_argument(parser) -> None:

@@ -18,11 +18,12 @@ from pathlib import Path
 import ray
 import torch
 
-from workers.learner import LearnerGroup, Sequence
+from workers.learner import LearnerGroup, Sequence, weight_bytes
 from workers.rollout import Completion, GpuOptions, RolloutWorker
 from workers.verifier import VerifierPool
 from zaya_rl import algorithms, checkpoint, placement, rsa
 from zaya_rl.curriculum import AdaptiveCurriculum
+from zaya_rl.deadlines import Deadlines, Hung, wait
 from zaya_rl.metrics import MetricsSink
 from zaya_rl.models import build_checkpoint, chat_prompt, context_length, load_tokenizer
 from zaya_rl.recipe import CurriculumConfig, EvalConfig, Recipe, RlStage, SftStage, StageBase, dump_recipe
@@ -92,6 +93,12 @@ def accuracy_with_interval(correct: list[bool]) -> dict:
     return {"accuracy": p, "ci95": [centre - half, centre + half], "n": n}
 
 
+# What the run did about a fault, in its recovery records; a run restores its newest checkpoint
+# at most checkpoint.max_recoveries times.
+RESTORED = "restored the newest checkpoint"
+CALLED_AGAIN = "Ray restarted it; weights pushed, the call made again"
+
+
 @dataclass
 class Position:
     """Where a run is: the next step of the current stage, and what that stage has spent."""
@@ -112,6 +119,7 @@ class InFlight:
     num_plain: int  # tasks[:num_plain] come from the curriculum, the rest are aggregation prompts
     version: int  # the weights the engines held when it was sent
     refs: list[ray.ObjectRef]  # each engine's chunk of groups
+    seconds: float  # the deadline of its generate calls: an engine's later calls queue behind them
 
 
 class Controller:
@@ -119,6 +127,7 @@ class Controller:
                  start_stage: str | None = None, init_from: Path | None = None):
         """`resume`: continue from the run's newest complete checkpoint (if any). `start_stage`
         with `init_from`: skip the stages before it and start from that HF checkpoint."""
+        started = time.time()
         self.recipe = recipe
         self.run_dir = Path(run_dir or recipe.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -127,6 +136,7 @@ class Controller:
             checkpoint.resumable_state(resumed, recipe)
         (self.run_dir / checkpoint.RECIPE).write_text(dump_recipe(recipe))
         init_ray()
+        self.nodes = alive_nodes()
         # Before anything else starts: a placement the cluster cannot hold is refused here.
         self.placement_group = placement.reserve(recipe.resources)
         self.layout = placement.plan(recipe.resources)
@@ -169,7 +179,13 @@ class Controller:
             if start_stage is not None:
                 self.position.stage_index = [s.name for s in recipe.stages].index(start_stage)
         self.tokenizer = load_tokenizer(self.model_path)
+        self.deadlines = Deadlines(recipe.timeouts, weight_bytes(self.model_path))
         self._start_workers(self.model_path, resumed)
+        if resumed is not None:
+            self._record_recovery({"role": "driver", "fault": "ended before the run finished",
+                                   "action": "resumed from the newest checkpoint", "checkpoint": str(resumed),
+                                   "resumed_at_global_step": self.position.global_step, "detected_at": started,
+                                   "recovery_seconds": time.time() - started})
 
     def _archive_earlier_run(self) -> None:
         """A new run in a directory that holds an earlier one moves that run's checkpoints and
@@ -196,9 +212,10 @@ class Controller:
         self._place_learners(model_path)
         self.rollouts = [self._start_rollout(i, model_path) for i in range(res.num_rollout_workers)]
         # Engines first: a colocated vLLM sizes its KV cache from the card's free memory.
-        ray.get([w.version.remote() for w in self.rollouts])
+        wait([w.version.remote() for w in self.rollouts], self.deadlines.start, "RolloutWorker.version", self.rollouts)
         self._start_learners(resumed)
-        self.verifiers = VerifierPool(res.num_verifiers, num_cpus=res.verifier_cpus)
+        self.verifiers = VerifierPool(res.num_verifiers, num_cpus=res.verifier_cpus, timeouts=self.recipe.timeouts,
+                                      node_labels=res.prefer_nodes.get("verifier"))
         # Said at start, and kept in summary.json: how well code under test is walled off here.
         self.summary["sandbox"] = self.verifiers.isolation()
         print(f"zaya-rl: code sandbox: {self.summary['sandbox']['summary']}")
@@ -213,7 +230,10 @@ class Controller:
             memory_utilization=res.gpu_memory_utilization, tensor_parallel_size=res.tensor_parallel_size,
             sleep_mode=res.placement == "colocated", learner_devices=tuple(self.learners.devices),
             enforce_eager=res.enforce_eager)
-        options = placement.actor_options(self.layout.engines[index], self.placement_group)
+        if self.placement_group is not None:
+            options = placement.actor_options(self.layout.engines[index], self.placement_group)
+        else:
+            options = placement.cpu_placement(res.prefer_nodes.get("rollout"))
         return RolloutWorker.options(name=f"rollout-{index}", runtime_env=threads, **options).remote(
             res.rollout_engine, str(model_path), seed=self.recipe.seed + index,
             max_model_len=context_length(model_path), torch_threads=res.torch_threads,
@@ -233,14 +253,16 @@ class Controller:
         res = self.recipe.resources
         self.learners = LearnerGroup(res.num_learner_workers, str(model_path), self.recipe.deepspeed,
                                      torch_threads=res.torch_threads, seed=self.recipe.seed,
-                                     group=self.placement_group, slots=self.layout.learners, start=False)
+                                     group=self.placement_group, slots=self.layout.learners, start=False,
+                                     timeouts=self.recipe.timeouts)
 
     def _start_learners(self, resumed: Path | None) -> None:
         """Start the placed learners, and join them to the engines for weight sync."""
         self.learners.start()
         if resumed is not None:
             self.learners.load_state(str(resumed / "optimizer"))
-        transports = set(ray.get([w.weight_transfer.remote() for w in self.rollouts]))
+        transports = set(wait([w.weight_transfer.remote() for w in self.rollouts], self.deadlines.small,
+                              "RolloutWorker.weight_transfer", self.rollouts))
         if len(transports) > 1:
             raise placement.PlacementError(f"some engines share cards with learners and others do not "
                                            f"({sorted(transports)}): place them all alike")
@@ -250,12 +272,15 @@ class Controller:
 
     def _join_weight_broadcast(self) -> None:
         """One NCCL group: learner rank 0 is rank 0, each engine's tensor-parallel workers follow."""
-        address, port = ray.get(self.learners.workers[0].address.remote())
+        rank0 = self.learners.workers[0]
+        address, port = wait([rank0.address.remote()], self.deadlines.small, "LearnerWorker.address", [rank0])[0]
         tp = self.recipe.resources.tensor_parallel_size
         world = 1 + tp * len(self.rollouts)
         joins = [w.init_weight_broadcast.remote(address, port, 1 + i * tp, world) for i, w in enumerate(self.rollouts)]
-        ray.get([self.learners.workers[0].init_weight_broadcast.remote(address, port, world)] + joins)
-        self.weight_metadata = ray.get(self.learners.workers[0].weight_metadata.remote(self.weight_dtype))
+        wait([rank0.init_weight_broadcast.remote(address, port, world)] + joins, self.deadlines.start,
+             "init_weight_broadcast", [rank0] + self.rollouts)
+        self.weight_metadata = wait([rank0.weight_metadata.remote(self.weight_dtype)], self.deadlines.small,
+                                    "LearnerWorker.weight_metadata", [rank0])[0]
 
     @property
     def weight_dtype(self) -> torch.dtype:
@@ -304,10 +329,15 @@ class Controller:
         return path / "model"
 
     def _recover(self, error: Exception) -> None:
-        """An actor Ray could not replace died (a learner, or a rollout worker out of restarts):
-        restart the learners from the newest checkpoint, replace dead rollout workers, push
-        the restored weights to every engine and continue from the checkpoint's position."""
-        start = time.perf_counter()
+        """An actor Ray could not replace died or hung (a learner; a rollout worker out of restarts
+        or not back within a start's deadline): restart the learners from the newest checkpoint,
+        replace rollout workers that are dead or do not answer, push the restored weights to
+        every engine and continue from the checkpoint's position."""
+        start, detected = time.perf_counter(), time.time()
+        fault = self._fault_of(error)
+        if isinstance(error, Hung):
+            for actor in error.actors:
+                ray.kill(actor, no_restart=True)
         self.learners.shutdown()
         resumed = checkpoint.latest(self.run_dir)
         recoveries = self.summary["recoveries"]
@@ -326,18 +356,96 @@ class Controller:
         self._place_learners(model_path)
         for index, worker in enumerate(self.rollouts):
             try:
-                ray.get(worker.version.remote())
-            except ray.exceptions.RayActorError:
+                self._await_rollout(worker)
+            except (ray.exceptions.ActorDiedError, Hung):
+                ray.kill(worker, no_restart=True)
                 self.rollouts[index] = self._start_rollout(index, model_path)
-        ray.get([w.version.remote() for w in self.rollouts])
+        wait([w.version.remote() for w in self.rollouts], self.deadlines.start, "RolloutWorker.version", self.rollouts)
         self._start_learners(resumed)
         self.sync_weights()
-        event = {"error": f"{type(error).__name__}: {str(error)[:300]}", "checkpoint": str(resumed),
-                 "resumed_at_global_step": self.position.global_step,
-                 "recovery_seconds": time.perf_counter() - start}
-        recoveries.append(event)
+        self._record_recovery({**fault, "error": f"{type(error).__name__}: {str(error)[:300]}", "action": RESTORED,
+                               "checkpoint": str(resumed), "resumed_at_global_step": self.position.global_step,
+                               "detected_at": detected, "recovery_seconds": time.perf_counter() - start})
+
+    def _fault_of(self, error: Exception) -> dict:
+        """Which role and actors an error of a call is about, and what happened to them."""
+        if isinstance(error, Hung):
+            actors = error.actors
+            fault = {"fault": "hung", "call": error.call, "deadline_seconds": error.seconds}
+        else:
+            actors = [a for a in self.learners.workers + self.rollouts if a._actor_id.hex() == error.actor_id]
+            fault = {"fault": "unavailable" if isinstance(error, ray.exceptions.ActorUnavailableError) else "died"}
+        names = [f"learner-{self.learners.workers.index(a)}" if a in self.learners.workers
+                 else f"rollout-{self.rollouts.index(a)}" for a in actors]
+        return {"role": names[0].split("-")[0] if names else "unknown", **fault, "actors": names}
+
+    def _record_recovery(self, event: dict) -> None:
+        """A fault and what the run did about it: in summary.json's recoveries and as a
+        `_recovery` record of metrics.jsonl (after any node the cluster lost meanwhile)."""
+        self._check_nodes()
+        self._log_event(event)
+
+    def _log_event(self, event: dict) -> None:
+        self.summary["recoveries"].append(event)
         self.metrics.log("_recovery", self.position.global_step, event)
-        print(f"zaya-rl: recovered from {event['error'][:120]} in {event['recovery_seconds']:.1f} s")
+        who = " ".join(event.get("actors", [])) or f"{event['role']} {event.get('node', '')}".rstrip()
+        during = f" during {event['call']}" if event.get("call") else ""
+        print(f"zaya-rl: {who} {event['fault']}{during}: {event['action']}")
+
+    def _check_nodes(self) -> None:
+        """Record each node that left the cluster since the last look; the faults of its actors
+        are recorded when the calls on them fail."""
+        alive = alive_nodes()
+        lost = [self.nodes[node_id] for node_id in self.nodes.keys() - alive.keys()]
+        self.nodes = alive
+        for node in lost:
+            self._log_event({"role": "node", "fault": "lost", "node": node["NodeID"],
+                             "address": node["NodeManagerAddress"], "labels": node["Labels"],
+                             "resources": node["Resources"], "detected_at": time.time(),
+                             "action": "its workers restart on the other nodes"})
+
+    def _wait_rollouts(self, refs: list, workers: list, seconds: float, method: str) -> list | None:
+        """The answers of calls on rollout workers (refs[i] on workers[i]), or None when a worker
+        failed: it died, became unavailable (Ray restarts it, or cannot reach its node), or
+        missed the deadline (hung: killed here, so that Ray restarts it as if it had died).
+        None comes once every failed worker answers again, the event recorded; restarted
+        workers hold the initial weights, so the caller pushes the weights and makes the call
+        again."""
+        call, deadline = f"RolloutWorker.{method}", {}
+        try:
+            return wait(refs, seconds, call, workers)
+        except Hung as hang:
+            failed, what, deadline = hang.actors, "hung", {"deadline_seconds": hang.seconds}
+            for worker in failed:
+                ray.kill(worker, no_restart=False)
+        except ray.exceptions.RayActorError as error:
+            # Ray's error names the actor by ID (ActorHandle keeps it as _actor_id). Another
+            # actor's error (a learner whose weights load_weights takes) is not the workers'.
+            failed = [w for w in workers if w._actor_id.hex() == error.actor_id]
+            if not failed:
+                raise
+            what = "unavailable" if isinstance(error, ray.exceptions.ActorUnavailableError) else "died"
+        start, detected = time.perf_counter(), time.time()
+        for worker in failed:
+            self._await_rollout(worker)
+        self._record_recovery({"role": "rollout", "fault": what, "call": call, **deadline,
+                               "actors": [f"rollout-{self.rollouts.index(w)}" for w in failed],
+                               "action": CALLED_AGAIN, "detected_at": detected,
+                               "recovery_seconds": time.perf_counter() - start})
+        return None
+
+    def _await_rollout(self, worker) -> None:
+        """Return once `worker` answers. Ray restarts a dead worker, on another node if its node
+        is lost (until the cluster declares the node dead, calls fail as unreachable). Raises
+        ActorDiedError for a worker dead for good (out of restarts), Hung for one that does
+        not answer within a start's deadline."""
+        due = time.monotonic() + self.deadlines.start
+        while True:
+            try:
+                wait([worker.version.remote()], due - time.monotonic(), "RolloutWorker.version", [worker])
+                return
+            except ray.exceptions.ActorUnavailableError:
+                time.sleep(1.0)
 
     # ---- the stages -------------------------------------------------------------------
 
@@ -348,8 +456,9 @@ class Controller:
                 while self.position.stage_index < len(self.recipe.stages):
                     self.run_stage(self.recipe.stages[self.position.stage_index])
                 break
-            except ray.exceptions.RayActorError as error:
-                if len(self.summary["recoveries"]) >= self.recipe.checkpoint.max_recoveries:
+            except (ray.exceptions.RayActorError, Hung) as error:
+                restores = [r for r in self.summary["recoveries"] if r.get("action") == RESTORED]
+                if len(restores) >= self.recipe.checkpoint.max_recoveries:
                     raise
                 self._recover(error)
         self.summary["placement"] = {**self.layout_summary(), "weight_transfer": self.weight_transfer}
@@ -399,6 +508,7 @@ class Controller:
                 if times.generated_tokens > tokens:
                     stats["rollout_tokens_per_second"] = (times.generated_tokens - tokens) / stats["generate_seconds"]
                 self.metrics.log(stage.name, pos.step, stats, steps=steps)
+                self._check_nodes()
                 done = stage_progress(pos.step + 1, steps, time.perf_counter() - start, stage.max_seconds)
                 progress.update(bar, completed=done, description=f"{stage.kind} {stage.name} {_brief(stats)}")
                 pos.step += 1
@@ -505,6 +615,8 @@ class Controller:
         if code:
             for i, v in zip(code, self.verifiers.score_code([texts[i] for i in code], [tasks[i].tests for i in code])):
                 out[i] = float(v.passed)
+        for event in self.verifiers.take_events():
+            self._record_recovery(event)
         return out
 
     def sft_step(self, stage: SftStage, lr: float, curriculum: AdaptiveCurriculum, times: StageTimes) -> dict:
@@ -645,16 +757,17 @@ class Controller:
                                                                                    stage.prompts_per_step)
         rollout = stage.rollout
         refs = self._send([t.prompt for t in tasks], rollout.group_size, rollout.temperature, rollout.max_tokens)
-        return InFlight(tasks, num_plain, self.weights_version, refs)
+        return InFlight(tasks, num_plain, self.weights_version, refs,
+                        self._generate_seconds(len(tasks), rollout.group_size, rollout.max_tokens))
 
     def _collect(self, sent: InFlight, stage: RlStage) -> list[list[Completion]]:
-        """A sent batch's groups. An engine that Ray restarted while sampling it sampled with its
-        initial weights: the batch is then sampled again, now, with the current weights."""
-        groups = [group for chunk in ray.get(sent.refs) for group in chunk]
-        if all(v >= sent.version for v in ray.get([w.version.remote() for w in self.rollouts])):
+        """A sent batch's groups. When `_gather` throws it away (an engine failed, or Ray restarted
+        it, while the batch was in flight), it is sampled again, now, with the current weights."""
+        rollout = stage.rollout
+        groups = self._gather(sent.refs, len(sent.tasks), rollout.group_size, rollout.max_tokens, sent.version)
+        if groups is not None:
             return groups
         sent.version = self.weights_version
-        rollout = stage.rollout
         return self._generate([t.prompt for t in sent.tasks], rollout.group_size, rollout.temperature,
                               rollout.max_tokens, None)
 
@@ -688,22 +801,40 @@ class Controller:
 
     def _generate(self, prompts: list[str], n: int, temperature: float, max_tokens: int,
                   seed: int | None) -> list[list[Completion]]:
-        """`_send` and gather in order.
-
-        A worker that Ray restarted mid-call reran it on the initial weights: such a batch is
-        thrown away, the current weights pushed again, and the batch generated anew.
-        """
+        """`_send` and gather in order (`_gather`); a batch `_gather` throws away is generated anew."""
         while True:
-            start = time.perf_counter()
-            groups = [group for chunk in ray.get(self._send(prompts, n, temperature, max_tokens, seed))
-                      for group in chunk]
-            if all(v == self.weights_version for v in ray.get([w.version.remote() for w in self.rollouts])):
+            groups = self._gather(self._send(prompts, n, temperature, max_tokens, seed), len(prompts), n, max_tokens,
+                                  self.weights_version)
+            if groups is not None:
                 return groups
+
+    def _gather(self, refs: list[ray.ObjectRef], num_prompts: int, n: int, max_tokens: int,
+                version: int) -> list[list[Completion]] | None:
+        """The groups of a sent batch in order, or None when the batch is thrown away: a worker
+        failed while sampling it (died, unavailable, or hung: it is waited for until Ray has
+        restarted it), or Ray had restarted it before (it sampled with its initial weights, a
+        version below `version`, the weights the batch was sent with). Before None the current
+        weights are pushed again."""
+        workers = self.rollouts[:len(refs)]  # _send's chunks go to the first workers
+        answers = self._wait_rollouts(refs, workers, self._generate_seconds(num_prompts, n, max_tokens), "generate")
+        versions = None if answers is None else self._wait_rollouts(
+            [w.version.remote() for w in workers], workers, self.deadlines.small, "version")
+        if versions is None:  # a worker failed and was restarted: the event is recorded
             self.sync_weights()
-            event = {"error": "a rollout worker restarted (Ray) and generated on stale weights",
-                     "recovery_seconds": time.perf_counter() - start}
-            self.metrics.log("_recovery", self.position.global_step, event)
-            print(f"zaya-rl: {event['error']}; weights pushed again, generating the batch again")
+            return None
+        stale = [f"rollout-{i}" for i, v in enumerate(versions) if v < version]
+        if not stale:
+            return [group for chunk in answers for group in chunk]
+        start, detected = time.perf_counter(), time.time()
+        self.sync_weights()
+        self._record_recovery({"role": "rollout", "fault": "died", "call": "RolloutWorker.generate", "actors": stale,
+                               "action": CALLED_AGAIN, "detected_at": detected,
+                               "recovery_seconds": time.perf_counter() - start})
+        return None
+
+    def _generate_seconds(self, num_prompts: int, n: int, max_tokens: int) -> float:
+        """The deadline of `_send`'s calls: the largest chunk's."""
+        return self.deadlines.generate(-(-num_prompts // len(self.rollouts)) * n, max_tokens)
 
     def _send(self, prompts: list[str], n: int, temperature: float, max_tokens: int,
               seed: int | None = None) -> list[ray.ObjectRef]:
@@ -714,28 +845,43 @@ class Controller:
 
     def sync_weights(self) -> None:
         """The learner's weights into every engine: through the object store on the CPU; on
-        GPUs by CUDA IPC (engines on the learners' cards) or a NCCL broadcast from rank 0."""
+        GPUs by CUDA IPC (engines on the learners' cards) or a NCCL broadcast from rank 0. When
+        a rollout worker fails meanwhile (it is restarted), the weights are pushed again."""
         self.weights_version += 1
+        pushed = None
+        while pushed is None:
+            pushed = self._push_weights()
+
+    def _push_weights(self) -> list | None:
+        """Every engine's new weights version, or None when a rollout worker failed. The engines
+        take the weights after the batches in flight (asynchronous RL): their time counts too."""
+        queued = sum(batch.seconds for batch in self.in_flight)
+        workers, seconds = self.rollouts, queued + self.deadlines.sync()
         if self.weight_transfer == "object_store":
             state = self.learners.state_dict_ref()
-            ray.get([w.load_weights.remote(state, self.weights_version) for w in self.rollouts])
-            return
-        ray.get([w.start_weight_update.remote() for w in self.rollouts])
+            return self._wait_rollouts([w.load_weights.remote(state, self.weights_version) for w in workers],
+                                       workers, seconds, "load_weights")
+        if self._wait_rollouts([w.start_weight_update.remote() for w in workers], workers,
+                               queued + self.deadlines.small, "start_weight_update") is None:
+            return None
         if self.weight_transfer == "ipc":
-            self.learners.send_weights_ipc(self.rollouts, self.weight_dtype)
+            self.learners.send_weights_ipc(workers, self.weight_dtype)
         else:
             request = {"update_info": {**self.weight_metadata, "packed": True}}
-            received = [w.update_weights.remote(request) for w in self.rollouts]
+            received = [w.update_weights.remote(request) for w in workers]
             self.learners.send_weights_nccl(self.weight_dtype)
-            ray.get(received)
-        ray.get([w.finish_weight_update.remote(self.weights_version) for w in self.rollouts])
+            if self._wait_rollouts(received, workers, seconds, "update_weights") is None:
+                return None
+        return self._wait_rollouts([w.finish_weight_update.remote(self.weights_version) for w in workers], workers,
+                                   seconds, "finish_weight_update")
 
     def release_engines(self, times: StageTimes) -> None:
         """Colocated engines free their card (weights and KV cache) while the learners train;
-        the next sync_weights brings them back."""
+        the next sync_weights brings them back (a worker restarted meanwhile starts awake)."""
         if self.recipe.resources.on_gpu and self.recipe.resources.placement == "colocated":
             with Timer(times, "sync"):
-                ray.get([w.sleep.remote() for w in self.rollouts])
+                self._wait_rollouts([w.sleep.remote() for w in self.rollouts], self.rollouts, self.deadlines.small,
+                                    "sleep")
 
     def evaluate(self, cfg: EvalConfig) -> dict:
         """Held-out accuracy on every source's held-out problems (`cfg`'s levels and number, per
@@ -773,6 +919,11 @@ class Controller:
             from ray.util.placement_group import remove_placement_group
 
             remove_placement_group(self.placement_group)
+
+
+def alive_nodes() -> dict[str, dict]:
+    """The cluster's live nodes by ID, as ray.nodes() describes them."""
+    return {node["NodeID"]: node for node in ray.nodes() if node["Alive"]}
 
 
 class LogprobDriftError(RuntimeError):

@@ -6,7 +6,10 @@ cannot hold, naming the recipe fields and what Ray reports.
 Colocated: one single-GPU bundle per learner rank; engine i shares bundle i with rank i, half
 a GPU each as Ray counts it (the memory split is the engine's gpu_memory_utilization). Split:
 every rank and every engine its own bundle of its own GPUs; two fractions below 1 may share
-a card. Without GPUs there is no placement group and every actor runs on the CPU.
+a card. Without GPUs there is no placement group and every actor runs on the CPU: rollout
+engines and verifiers spread over the nodes or go to the nodes their role prefers
+(`cpu_placement`, resources.prefer_nodes), learner ranks start on the driver's node
+(`on_driver_node`).
 """
 
 from __future__ import annotations
@@ -94,6 +97,30 @@ def actor_options(slot: Slot, group) -> dict:
 
     return {"num_gpus": slot.num_gpus, "scheduling_strategy": PlacementGroupSchedulingStrategy(
         group, placement_group_bundle_index=slot.bundle)}
+
+
+# Stateless workers (CPU engines, verifiers) one per node in turn: a lost node takes few of them.
+SPREAD = {"scheduling_strategy": "SPREAD"}
+
+
+def preferring(labels: dict[str, str]) -> dict:
+    """Ray actor options that start a worker (and restart it) on a live node with all of these
+    Ray node labels, or on any node when none has them."""
+    return {"label_selector": labels, "fallback_strategy": [{"label_selector": {}}]}
+
+
+def cpu_placement(labels: dict[str, str] | None) -> dict:
+    """Where a stateless CPU worker goes: the nodes with `labels` when given, else spread."""
+    return preferring(labels) if labels else SPREAD
+
+
+def on_driver_node() -> dict:
+    """Ray actor options that start a worker on the calling driver's node, or on another when
+    that node is gone. (A soft NodeAffinitySchedulingStrategy does not hold a worker that asks
+    for no CPU: Ray 2.60 places it anywhere.)"""
+    import ray
+
+    return preferring({"ray.io/node-id": ray.get_runtime_context().get_node_id()})
 
 
 def _by_node(nodes: dict[str, float]) -> str:

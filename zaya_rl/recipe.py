@@ -427,6 +427,11 @@ class ResourcesConfig(StrictModel):
     enforce_eager: bool = Field(False, description="GPU engines without torch.compile and CUDA graphs: they start "
                                 "in seconds instead of about a minute and decode slower")
     verifier_cpus: float = Field(0.5, gt=0, description="CPUs Ray reserves for each verifier actor")
+    prefer_nodes: dict[Literal["rollout", "verifier"], dict[str, str]] = Field(
+        default_factory=dict, description="Ray node labels (`ray start --labels KEY=VALUE`) that a role's workers "
+        "prefer, e.g. {verifier: {pool: cpu}}: they start (and restart) on a live node with all of them, on any "
+        "node when none has them; a role without labels spreads over the nodes. Rollout workers on GPUs go "
+        "where the placement group puts them")
 
     @property
     def on_gpu(self) -> bool:
@@ -434,6 +439,9 @@ class ResourcesConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> ResourcesConfig:
+        if self.on_gpu and "rollout" in self.prefer_nodes:
+            raise _at("prefer_nodes.rollout", "rollout workers on GPUs go where the placement group puts them: "
+                      "drop prefer_nodes.rollout")
         if not self.on_gpu:
             if self.tensor_parallel_size > 1:
                 raise _at("tensor_parallel_size", "tensor_parallel_size > 1 needs rollout_gpus")
@@ -502,7 +510,33 @@ class CheckpointConfig(StrictModel):
                              "and one at each stage's end")
     keep_last: int = Field(2, ge=1, description="older complete checkpoints are deleted")
     max_recoveries: int = Field(2, ge=0, description="times a run restores its last checkpoint by itself "
-                                "after an actor that Ray cannot replace (a learner) died")
+                                "after an actor that Ray cannot replace (a learner) died or hung")
+
+
+class TimeoutsConfig(StrictModel):
+    """Deadlines of the remote calls the driver waits on (docs/recipes.md, "Deadlines"). A call
+    past its deadline is taken for a hung actor: the actor is killed and recovered like one that
+    died. Each deadline is `min_seconds` plus the call's size over the slowest rate still taken
+    for alive, so it grows with the batch, the lengths and the model; the defaults are loose on
+    purpose (tens of times the tiny CPU model's rates): they end hangs, not slow steps."""
+
+    start_seconds: float = Field(1800, gt=0, description="an actor's start or restart: loading the model, "
+                                 "vLLM's compilation and CUDA graphs, DeepSpeed's setup")
+    min_seconds: float = Field(300, gt=0, description="the least any other call gets; small calls (a version "
+                               "check, an engine's sleep) get exactly this")
+    generate_tokens_per_second: float = Field(100, gt=0, description="the slowest engine taken for alive: a "
+                                              "generate call that may produce N tokens (its prompts x samples "
+                                              "x max_tokens) gets min_seconds + N / this")
+    train_tokens_per_second: float = Field(100, gt=0, description="the slowest learner rank taken for alive: a "
+                                           "step over N tokens (the rank's prompts and completions) gets "
+                                           "min_seconds + N / this")
+    transfer_bytes_per_second: float = Field(1e7, gt=0, description="the slowest copy of weights taken for alive, "
+                                             "W being the model's weight files in bytes: a weight sync gets "
+                                             "min_seconds + W / this, a checkpoint (the model, and the optimizer's "
+                                             "master weights and two moments) min_seconds + 4 W / this")
+    score_seconds_per_item: float = Field(10, gt=0, description="a verifier's share of a batch, N answers or "
+                                          "programs, gets min_seconds + N x this (an answer's own limit is 5 s, "
+                                          "a program's 5 s per test)")
 
 
 class MetricsConfig(StrictModel):
@@ -512,8 +546,8 @@ class MetricsConfig(StrictModel):
                                                      "without an account; `wandb sync` uploads it later")
 
 
-# One model, cluster, DeepSpeed engine, checkpoint and metrics policy per run.
-JOB_WIDE = ("model", "resources", "deepspeed", "checkpoint", "metrics")
+# One model, cluster, DeepSpeed engine, checkpoint, deadline and metrics policy per run.
+JOB_WIDE = ("model", "resources", "deepspeed", "checkpoint", "timeouts", "metrics")
 # The recipe's blocks a stage of each kind may override field by field (`data` it replaces whole).
 STAGE_BLOCKS = {"rl": ("rollout", "algorithm", "curriculum", "eval"), "sft": ("eval",)}
 STAGE_BLOCK_NAMES = {name for names in STAGE_BLOCKS.values() for name in names}
@@ -537,6 +571,7 @@ class Recipe(StrictModel):
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     metrics: MetricsConfig = MetricsConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    timeouts: TimeoutsConfig = TimeoutsConfig()
     data: DataConfig = Field(description="the training data mixture of every stage that has no `data` "
                              "of its own; default: one chain_sum source at levels 0..tasks.max_level")
     stages: list[Stage] = Field(min_length=1)

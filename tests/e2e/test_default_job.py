@@ -4,16 +4,15 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from benchmarks import chaos
 from zaya_rl.models import load_model
 
 HERE = Path(__file__).parent
@@ -109,34 +108,20 @@ def test_report_of_a_finished_and_of_a_running_run(mini_run, tmp_path):
 
 @pytest.mark.slow
 def test_ray_job_submit_to_a_head_node(tmp_path):
-    """The cluster path: `ray start --head`, then `ray job submit ... -- zaya-rl run`."""
-    bin_dir = Path(sys.executable).parent
-    # One trusted machine: no token authentication between the CLI and the head.
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
-    port = "8299"
-    temp_dir = tempfile.mkdtemp(prefix="zr-")  # Ray's socket paths must stay under 107 bytes
-    # --block keeps the head's processes in this process group, so stopping it stops only
-    # them (`ray stop` would also stop other Ray instances of this test session).
-    head = subprocess.Popen(
-        [str(bin_dir / "ray"), "start", "--head", "--block", "--num-cpus=2", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={port}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    """The cluster path: `ray start --head`, then `ray job submit ... -- zaya-rl run`. Every port
+    of the head is a free one: other Ray instances on this machine hold Ray's defaults."""
+    dashboard = chaos.free_port()
+    head, _ = chaos.start_node(num_cpus=2, dashboard_port=dashboard)
+    job = None
     try:
         work = tmp_path / "work"
         shutil.copytree(HERE, work / "recipes")
-        run_dir = tmp_path / "jobrun"
-        submit = [str(bin_dir / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{port}",
-                  "--working-dir", str(work), "--", "zaya-rl", "run", "recipes/mini.yaml", "--run-dir", str(run_dir)]
-        deadline = time.time() + 120
-        while True:  # the dashboard answers some seconds after the head starts
-            proc = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
-            if proc.returncode == 0 or time.time() > deadline or "Connection" not in proc.stderr + proc.stdout:
-                break
-            time.sleep(3)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        assert "succeeded" in proc.stdout
+        run_dir, log = tmp_path / "jobrun", tmp_path / "job.log"
+        job = chaos.submit_job(dashboard, work, ["zaya-rl", "run", "recipes/mini.yaml", "--run-dir", str(run_dir)], log)
+        assert job.wait(timeout=900) == 0, log.read_text()[-3000:]
+        assert "succeeded" in log.read_text()
         check_run_dir(run_dir, rl_steps=3)
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        head.wait(timeout=120)
+        if job is not None:
+            chaos.stop(job)
+        chaos.stop_node(head)

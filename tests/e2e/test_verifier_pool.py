@@ -1,10 +1,11 @@
 """The verifier pool on a real local Ray: math, reasoning-gym and code items in order, and
-surviving an actor killed mid-batch (restart and retry)."""
+surviving an actor killed or stopped mid-batch (restart and retry)."""
 
 from __future__ import annotations
 
 import glob
 import os
+import signal
 import socket
 import tempfile
 import threading
@@ -13,12 +14,13 @@ import time
 import pytest
 import ray
 
+from benchmarks.chaos import process_state, signal_mid_call
 from rewards.code import CallTests, CodeVerdict, StdioTests
 from rewards.gym import verify_gym
 from rewards.math import verify
 from rewards.sandbox import Limits
 from workers.verifier import VerifierPool
-from zaya_rl.recipe import GymSource
+from zaya_rl.recipe import GymSource, TimeoutsConfig
 from zaya_rl.tasks import build_source
 
 pytestmark = pytest.mark.ray
@@ -155,3 +157,28 @@ def test_pool_retries_code_when_its_actor_dies(pool):
     dirs = [os.path.basename(d).split("-")[2] for d in glob.glob(os.path.join(tempfile.gettempdir(), "zaya-sandbox-*"))]
     assert [pid for pid in dirs if not os.path.exists(f"/proc/{pid}")] == []
     assert pool.stats()["num_verified"] == before["num_verified"] + 4
+
+
+def test_pool_kills_a_hung_actor_and_scores_its_chunk_again(ray_local):
+    """An actor stopped mid-chunk (alive, never answering) misses the chunk's deadline: the pool
+    kills it, Ray restarts it, and the chunk is scored again."""
+    pool = VerifierPool(num_actors=2, timeout_s=2.0, name_prefix="hang",
+                        timeouts=TimeoutsConfig(min_seconds=3, score_seconds_per_item=0.5))
+    assert ray.get([actor.ping.remote() for actor in pool.actors])  # their processes are up
+    completions, golds, expected = _batch(20)
+    # An answer that runs into the 2 s limit keeps the first actor in the call long enough to stop it.
+    completions[1], golds[1], expected[1] = "\\boxed{9^{9^{9^{9}}}}", "5", False
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(verdicts=pool.score(completions, golds)))
+    thread.start()
+    stopped = signal_mid_call("Verifier", "score", signal.SIGSTOP, os.getpid())
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+    assert [v.correct for v in result["verdicts"]] == expected
+    assert process_state(stopped) is None  # killed, not left stopped
+    [event] = pool.take_events()
+    assert (event["fault"], event["action"], event["call"]) == ("hung", "restarted, scored again", "Verifier.score")
+    assert event["actors"] in (["hang-0"], ["hang-1"])  # the one stopped first
+    assert pool.stats()["num_hangs"] == 1 and pool.stats()["num_failures"] == 0
+    assert pool.take_events() == []
+    pool.shutdown()

@@ -150,15 +150,29 @@ def test_a_checkpoint_without_its_recipe_resumes_while_the_recipe_has_its_stage(
         checkpoint.resumable_state(beyond, load_recipe(TINY))
 
 
-def test_cli_refuses_a_resume_before_anything_starts_or_is_written(tmp_path):
+@pytest.mark.parametrize("resume", [["--resume"], ["--resume", "auto"]])
+def test_cli_refuses_a_resume_before_anything_starts_or_is_written(tmp_path, resume):
     run_dir = tmp_path / "run"
     written = run_checkpoint(run_dir, {"stage_index": 1, "step": 5}, {"chain_sum": {}},
                              dump_recipe(load_recipe(TINY)))
     (run_dir / "metrics.jsonl").write_text('{"stage": "rl", "step": 4}\n')
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     proc = subprocess.run([sys.executable, "-m", "zaya_rl.cli", "run", str(TINY), "--run-dir", str(run_dir),
-                           "--resume", "--set", "stages.rl.name=grpo"], capture_output=True, text=True, timeout=300)
+                           *resume, "--set", "stages.rl.name=grpo"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"zaya-rl: cannot resume: {written}: written after stages ['warmup', 'rl']" in proc.stderr
     assert "Ray dashboard" not in proc.stdout + proc.stderr
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_supervise_does_not_start_again_a_driver_that_was_refused(tmp_path):
+    """A driver that exits 2 (here: a checkpoint of another recipe) would be refused again:
+    `zaya-rl supervise` ends with its exit code, and says so in supervise.jsonl."""
+    run_dir = tmp_path / "run"
+    run_checkpoint(run_dir, {"stage_index": 1, "step": 5}, {"chain_sum": {}}, dump_recipe(load_recipe(TINY)))
+    proc = subprocess.run([sys.executable, "-m", "zaya_rl.cli", "supervise", str(TINY), "--run-dir", str(run_dir),
+                           "--set", "stages.rl.name=grpo"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "zaya-rl: cannot resume:" in proc.stderr and "starting it again" not in proc.stderr
+    [end] = [json.loads(line) for line in (run_dir / "supervise.jsonl").read_text().splitlines()]
+    assert (end["exit"], end["restarting"]) == (2, False)

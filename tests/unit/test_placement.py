@@ -43,6 +43,8 @@ def test_split_fractions_may_share_a_card():
     ("resources.rollout_engine=hf", "resources.rollout_engine", "vllm"),
     ("resources.rollout_gpus=0.5", "resources.placement", "shares whole cards"),
     ("stages.rl.algorithm.router_replay=true", "stages.1.algorithm.router_replay", "CPU engines only"),
+    ("resources.prefer_nodes={rollout: {pool: a}}", "resources.prefer_nodes.rollout", "placement group"),
+    ("resources.prefer_nodes={learner: {pool: a}}", "resources.prefer_nodes.learner.[key]", "'rollout' or 'verifier'"),
 ])
 def test_placements_that_cannot_work_are_refused_naming_the_field(override, field, message):
     with pytest.raises(RecipeError) as err:

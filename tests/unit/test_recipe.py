@@ -216,7 +216,8 @@ def test_a_merged_stage_block_is_validated_where_the_stage_sets_it(tmp_path):
 
 
 @pytest.mark.parametrize("block", ["model: {path: null}", "resources: {num_verifiers: 1}", "deepspeed: {zero_stage: 0}",
-                                   "checkpoint: {every_steps: 5}", "metrics: {wandb_mode: online}"])
+                                   "checkpoint: {every_steps: 5}", "timeouts: {min_seconds: 5}",
+                                   "metrics: {wandb_mode: online}"])
 def test_a_stage_cannot_set_a_job_wide_block(tmp_path, block):
     stage_line = "    algorithm: {kl_coef: 0.0}\n"
     path = _write(tmp_path, BLOCKS.replace(stage_line, f"{stage_line}    {block}\n"))
