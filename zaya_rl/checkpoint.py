@@ -108,10 +108,17 @@ def resumable_state(path: Path, recipe: Recipe) -> dict:
     reached = position["stage_index"] + (1 if position.get("step", 0) > 0 else 0)
     names = [stage.name for stage in recipe.stages]
     if (path / RECIPE).is_file():
-        written_by = [stage["name"] for stage in yaml.safe_load((path / RECIPE).read_text())["stages"]]
+        written = yaml.safe_load((path / RECIPE).read_text())
+        written_by = [stage["name"] for stage in written["stages"]]
         if written_by[:reached] != names[:reached]:
             raise ResumeError(f"{path}: written after stages {written_by[:reached]} of {written_by}; the recipe "
                               f"{recipe.name!r} has stages {names}: resume with the recipe that wrote it, or {restart}")
+        # LoRA checkpoints hold adapters of one shape and their optimizer state; full ones every weight's.
+        written_lora = written.get("deepspeed", {}).get("lora")
+        lora = recipe.deepspeed.lora.model_dump(mode="json") if recipe.deepspeed.lora else None
+        if written_lora != lora:
+            raise ResumeError(f"{path}: written with deepspeed.lora {written_lora}; the recipe {recipe.name!r} has "
+                              f"{lora}: resume with the LoRA settings it trained with")
     elif reached > len(names):
         raise ResumeError(f"{path}: written after {reached} stages, but the recipe {recipe.name!r} has "
                           f"{len(names)}: {restart}")
