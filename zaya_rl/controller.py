@@ -24,7 +24,7 @@ from workers.verifier import VerifierPool
 from zaya_rl import algorithms, checkpoint, placement, rsa
 from zaya_rl.curriculum import AdaptiveCurriculum
 from zaya_rl.metrics import MetricsSink
-from zaya_rl.models import base_model_path, build_checkpoint, chat_prompt, context_length, load_tokenizer
+from zaya_rl.models import build_checkpoint, chat_prompt, context_length, load_tokenizer
 from zaya_rl.recipe import CurriculumConfig, EvalConfig, Recipe, RlStage, SftStage, StageBase, dump_recipe
 from zaya_rl.tasks import Task, TaskStream, build_source, held_out_tasks
 
@@ -301,7 +301,7 @@ class Controller:
         self.in_flight.clear()
         self.resend = [([Task.from_dict(t) for t in b["tasks"]], b["num_plain"]) for b in state.get("in_flight", [])]
         self.dropped_batches = state.get("dropped_batches", 0)
-        return base_model_path(path / "model")  # under LoRA the adapters come with the optimizer state
+        return checkpoint.base_model_path(path / "model")  # LoRA: the base (adapters: optimizer state)
 
     def _recover(self, error: Exception) -> None:
         """An actor Ray could not replace died (a learner, or a rollout worker out of restarts):

@@ -100,19 +100,6 @@ def context_length(path: Path) -> int:
     return AutoConfig.from_pretrained(str(path)).max_position_embeddings
 
 
-# peft's file of an adapter directory: a LoRA run checkpoint's model (Learner.save_checkpoint_model)
-ADAPTER_CONFIG = "adapter_config.json"
-
-
-def base_model_path(path: Path) -> Path:
-    """The model directory workers start from: `path`, or for a LoRA adapter directory the base
-    model it adapts (the learner takes the adapters from its DeepSpeed state)."""
-    import json
-
-    config = Path(path) / ADAPTER_CONFIG
-    return Path(json.loads(config.read_text())["base_model_name_or_path"]) if config.is_file() else Path(path)
-
-
 def load_model(path: Path):
     """The checkpoint as a transformers model in fp32 (the dtype engine/learner agreement needs)."""
     import torch

@@ -124,7 +124,6 @@ def test_lora_run_passes_the_same_checks_and_resumes(tmp_path):
 
     from zaya_rl import checkpoint
     from zaya_rl.lora import ADAPTER_WEIGHTS
-    from zaya_rl.models import ADAPTER_CONFIG, base_model_path
 
     run_dir = tmp_path / "run"
     proc = run_mini(run_dir, "--set", LORA)
@@ -133,8 +132,8 @@ def test_lora_run_passes_the_same_checks_and_resumes(tmp_path):
     written = checkpoint.complete(run_dir)
     assert [p.name for p in written] == ["step-00000004", "step-00000006"]  # after warmup, after rl
     for path in written:
-        assert sorted(p.name for p in (path / "model").iterdir()) == [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
-        assert base_model_path(path / "model") == (run_dir / "initial").resolve()
+        assert sorted(p.name for p in (path / "model").iterdir()) == [checkpoint.ADAPTER_CONFIG, ADAPTER_WEIGHTS]
+        assert checkpoint.base_model_path(path / "model") == (run_dir / "initial").resolve()
     uninterrupted = load_file(written[-1] / "model" / ADAPTER_WEIGHTS)
     # The warmup moved the adapters' B (zero at the start) by far more than two RL steps at lr 1e-4 can.
     assert max(w.abs().max() for k, w in uninterrupted.items() if ".lora_B." in k) > 2e-3

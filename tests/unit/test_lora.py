@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from workers.learner import REFERENCE_FILE, Learner, Sequence, free_port
 from zaya_rl.lora import ADAPTER_WEIGHTS, find_targets, is_adapter_weight
-from zaya_rl.models import ADAPTER_CONFIG, base_model_path, load_model, load_tokenizer
+from zaya_rl.checkpoint import ADAPTER_CONFIG, base_model_path
+from zaya_rl.models import load_model, load_tokenizer
 from zaya_rl.recipe import AlgorithmConfig, DeepSpeedConfig, LoraSettings, RecipeError, load_recipe
 from zaya_rl.tasks import TaskStream
 
@@ -55,14 +56,15 @@ def test_settings_are_validated_naming_the_field():
     assert DeepSpeedConfig().lora is None  # full fine-tuning unless asked
     assert load_recipe(MINI, ["deepspeed.lora={rank: 8}"]).deepspeed.lora.targets == [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]
-    for setting, message in [("deepspeed.lora.rank=0", "deepspeed.lora.rank: Input should be greater than or equal to 1"),
-                             ("deepspeed.lora={alpha: 0}", "deepspeed.lora.alpha: Input should be greater than 0"),
-                             ("deepspeed.lora={targets: []}", "deepspeed.lora.targets: List should have at least 1"),
-                             ("deepspeed.lora={targets: [q_proj, q_proj]}", "deepspeed.lora.targets: Value error, "
-                              "LoRA targets repeat a name"),
-                             ("deepspeed.lora={targets: [weight]}", "deepspeed.lora.targets: Value error, LoRA target "
-                              "'weight' is not the name of a layer"),
-                             ("deepspeed.lora={dropout: 0.1}", "deepspeed.lora.dropout: Extra inputs are not permitted")]:
+    refused = [
+        ("deepspeed.lora.rank=0", "deepspeed.lora.rank: Input should be greater than or equal to 1"),
+        ("deepspeed.lora={alpha: 0}", "deepspeed.lora.alpha: Input should be greater than 0"),
+        ("deepspeed.lora={targets: []}", "deepspeed.lora.targets: List should have at least 1"),
+        ("deepspeed.lora={targets: [q_proj, q_proj]}", "deepspeed.lora.targets: Value error, LoRA targets repeat"),
+        ("deepspeed.lora={targets: [weight]}", "deepspeed.lora.targets: Value error, LoRA target 'weight' is not"),
+        ("deepspeed.lora={dropout: 0.1}", "deepspeed.lora.dropout: Extra inputs are not permitted"),  # none: see docs
+    ]
+    for setting, message in refused:
         with pytest.raises(RecipeError) as err:
             load_recipe(MINI, [setting])
         assert f"--set {setting}: {message}" in str(err.value)
