@@ -54,6 +54,10 @@ SIZES = {
     "tiny": dict(vocab_size=320, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=32, num_experts=4, num_experts_per_tok=2,
                  moe_intermediate_size=256, seq_len=128),
+    # a bigger model for CPU runs (benchmarks/lora.py): 140M parameters
+    "moe_140m": dict(vocab_size=32768, hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
+                     num_key_value_heads=2, head_dim=64, num_experts=16, num_experts_per_tok=4,
+                     moe_intermediate_size=512, seq_len=256),
 }
 GPU_VARIANTS = ("sft:2:8:bf16+compile,rl:2:8:bf16+compile,sft:2:16:bf16+compile,rl:2:16:bf16+compile,"
                 "sft:2:8:bf16,sft:3:8:bf16,sft:0:8:bf16+compile,sft:2:16:bf16+compile+ckpt")

@@ -7,6 +7,11 @@ torch.compile: `DeepSpeedConfig`) and runs SFT and RL updates on batches of `Seq
 aggregation, importance correction and KL are the recipe's `AlgorithmConfig` (algorithms.py).
 The controller owns the learning-rate schedule and passes `lr` into every step.
 
+With `DeepSpeedConfig.lora` the learner trains LoRA adapters on a frozen base (zaya_rl/lora.py):
+the weights it hands out (`state_dict`, `named_weights`, `save`) are the base model's, by name
+and shape, with the adapters merged in; a run checkpoint (`save_checkpoint_model`, `save_state`)
+holds the adapters and their optimizer state alone.
+
 `LearnerWorker` is the Ray actor shell around one `Learner`; `LearnerGroup` places one
 worker per rank, splits each batch into equal contiguous shards and gathers the stats.
 
@@ -29,6 +34,7 @@ import numpy as np
 import ray
 import torch
 
+from zaya_rl import lora
 from zaya_rl.deadlines import Deadlines, wait, wait_ready
 from zaya_rl.models import weights_as_tensors, weights_for_transport
 from zaya_rl.placement import Slot, actor_options, on_driver_node
@@ -38,7 +44,7 @@ from zaya_rl.router_replay import replay_routing, routing_mismatch
 # Files of a checkpoint directory that hold weights; everything else save() does not write
 # itself (tokenizer files, chat template) is copied over from the source checkpoint.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
-# The KL reference's weights, beside DeepSpeed's state in a run checkpoint
+# The KL reference's weights (under LoRA its adapters), beside DeepSpeed's state in a run checkpoint
 REFERENCE_FILE = "kl_reference.safetensors"
 
 
@@ -243,7 +249,12 @@ class Learner:
         torch.manual_seed(seed)
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
 
-        model = prepare_policy(load_model(model_path))
+        model = load_model(model_path)
+        # Adapters first: checkpointing, compile and ZeRO-3 then treat their layers like the rest.
+        self.lora_config = lora.lora_config(model, ds.lora, str(Path(model_path).resolve())) if ds.lora else None
+        if self.lora_config is not None:
+            lora.add_adapters(model, self.lora_config)
+        model = prepare_policy(model)
         if ds.activation_checkpointing:
             enable_activation_checkpointing(model)
         if ds.compile:
@@ -251,7 +262,8 @@ class Learner:
         if ds.zero_stage == 3 and getattr(model.config, "num_experts", None):
             mark_moe_leaf_modules(model)
         # fused: one kernel for all parameters instead of a few per tensor (CUDA only here).
-        optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=ds.weight_decay,
+        trainable = [p for p in model.parameters() if p.requires_grad]  # under LoRA the adapters alone
+        optimizer = torch.optim.AdamW(trainable, lr=0.0, weight_decay=ds.weight_decay,
                                       fused=True if on_gpu else None)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=engine_config(ds))
         self.model_path = str(model_path)
@@ -269,7 +281,10 @@ class Learner:
         # None for a dense model: no router logits, expert load or load-balancing loss then.
         self.top_k = getattr(config, "num_experts_per_tok", None)
         self.num_experts = getattr(config, "num_experts", None)
+        # Under LoRA: the LoRA layer adapting each base weight, by the weight's name in the module.
+        self.adapted = lora.adapted_weights(self.engine.module) if self.lora_config is not None else {}
         self.reference = None  # frozen policy for the KL term, made by the first rl_step using it
+        self.reference_adapters = None  # under LoRA, the reference's adapters (what save_state writes)
 
     # --- updates --------------------------------------------------------------------------
 
@@ -388,7 +403,8 @@ class Learner:
     # --- weights out ----------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Full fp32 CPU weights under the transformers module's parameter names.
+        """Full fp32 CPU weights under the transformers module's parameter names (the base
+        model's under LoRA, the adapters merged in).
 
         ZeRO 0/1/2 partition only gradients and optimizer state: after every step each rank
         holds all parameters, so any rank can answer; rank 0 is the one asked. ZeRO-3
@@ -399,22 +415,28 @@ class Learner:
 
     def named_weights(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
         """Every parameter on this rank's device in `dtype`, one at a time, under the transformers
-        module's names (what vLLM's load_weights reads). Under ZeRO-3 each is gathered, a
-        collective: every rank iterates in step."""
+        module's names (what vLLM's load_weights reads); under LoRA the base model's, each
+        adapted one with its update merged in. Under ZeRO-3 each is gathered (with its adapters),
+        a collective: every rank iterates in step."""
         import deepspeed
 
-        for name, param in self.engine.module.named_parameters():
-            with deepspeed.zero.GatheredParameters([param], enabled=self.zero_stage == 3):
-                # A consumer may hold the tensor past this iteration (vLLM packs several into one
-                # buffer): ZeRO-3 frees a gathered parameter's storage when the gather ends.
-                yield name, param.detach().to(dtype, copy=self.zero_stage == 3)
+        for name, param in self._base_parameters():
+            layer = self.adapted.get(name)
+            gathered = [param] + (lora.adapter_weights(layer) if layer is not None else [])
+            with deepspeed.zero.GatheredParameters(gathered, enabled=self.zero_stage == 3):
+                if layer is not None:  # a new tensor: nothing of ZeRO-3's gathered storage is kept
+                    yield lora.base_name(name), lora.merged_weight(param.detach(), layer).to(dtype)
+                else:
+                    # A consumer may hold the tensor past this iteration (vLLM packs several into one
+                    # buffer): ZeRO-3 frees a gathered parameter's storage when the gather ends.
+                    yield name, param.detach().to(dtype, copy=self.zero_stage == 3)
 
     def weight_metadata(self, dtype: torch.dtype) -> dict:
         """Names, dtypes and shapes of `named_weights`, in its order: what an engine needs to
         receive a broadcast (NCCL) it cannot see the tensors of."""
-        module = self.engine.module
-        shapes = [list(p.ds_shape if self.zero_stage == 3 else p.shape) for p in module.parameters()]
-        names = [name for name, _ in module.named_parameters()]
+        parameters = self._base_parameters()
+        shapes = [list(p.ds_shape if self.zero_stage == 3 else p.shape) for _, p in parameters]
+        names = [lora.base_name(name) for name, _ in parameters]
         return {"names": names, "dtype_names": [str(dtype).removeprefix("torch.")] * len(names), "shapes": shapes}
 
     def send_weights_ipc(self, engines: list, dtype: torch.dtype) -> None:
@@ -451,49 +473,68 @@ class Learner:
                 pass
 
     def save(self, path: str) -> None:
-        """Rank 0 writes an HF checkpoint directory (weights, config, tokenizer) atomically."""
+        """Rank 0 writes an HF checkpoint directory (weights, config, tokenizer) atomically; under
+        LoRA the merged weights, which vLLM and transformers load as the base architecture."""
         state = self.state_dict()  # under ZeRO-3 a collective: every rank calls save
         if self.rank != 0:
             return
-        path = str(path)
-        tmp = path + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        # Copies, not the live parameters: ZeRO makes them views into one flat buffer.
-        self.engine.module.save_pretrained(tmp, state_dict=state)
-        for name, data in self.side_files.items():
-            if not os.path.exists(os.path.join(tmp, name)):
-                Path(tmp, name).write_bytes(data)
-        if os.path.exists(path):  # a directory cannot be os.replace'd onto a non-empty one
-            old = path + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
 
-    def save_state(self, path: str) -> None:
-        """DeepSpeed's checkpoint of this rank: weights, optimizer state and step counters; and
-        the KL reference when there is one (every rank holds the same copy; rank 0 writes it)."""
+        def fill(tmp: str) -> None:
+            # Copies, not the live parameters: ZeRO makes them views into one flat buffer.
+            self.engine.module.save_pretrained(tmp, state_dict=state)
+            for name, data in self.side_files.items():
+                if not os.path.exists(os.path.join(tmp, name)):
+                    Path(tmp, name).write_bytes(data)
+
+        self._write_directory(path, fill)
+
+    def save_checkpoint_model(self, path: str) -> None:
+        """The model part of a run checkpoint (rank 0 writes it): `save`'s HF directory, or under
+        LoRA the adapters alone, in peft's format (adapter_config.json naming the base model, and
+        the weights), which `PeftModel.from_pretrained` loads onto the base."""
         from safetensors.torch import save_file
 
-        self.engine.save_checkpoint(path, tag="state", save_latest=False)
+        if self.lora_config is None:
+            self.save(path)
+            return
+        state = self._adapter_state()  # under ZeRO-3 a collective
+        if self.rank == 0:
+            def fill(tmp: str) -> None:
+                self.lora_config.save_pretrained(tmp)
+                save_file(state, os.path.join(tmp, lora.ADAPTER_WEIGHTS))
+
+            self._write_directory(path, fill)
+
+    def save_state(self, path: str) -> None:
+        """DeepSpeed's checkpoint of this rank: the trained weights (under LoRA the adapters
+        alone), optimizer state and step counters; and the KL reference when there is one (its
+        weights, under LoRA its adapters: every rank holds the same copy; rank 0 writes it)."""
+        from safetensors.torch import save_file
+
+        self.engine.save_checkpoint(path, tag="state", save_latest=False,
+                                    exclude_frozen_parameters=self.lora_config is not None)
         if self.reference is not None and self.rank == 0:
             # Copies: tied weights share storage, which safetensors refuses to write.
-            save_file({k: v.detach().to("cpu", copy=True) for k, v in self.reference.state_dict().items()},
-                      os.path.join(path, REFERENCE_FILE))
+            weights = self.reference_adapters if self.lora_config is not None else {
+                k: v.detach().to("cpu", copy=True) for k, v in self.reference.state_dict().items()}
+            save_file(weights, os.path.join(path, REFERENCE_FILE))
 
     def load_state(self, path: str) -> None:
         """The state save_state wrote. A saved KL reference replaces this learner's: a resumed
         run keeps penalising the distance to the policy it started from, not to the resumed one."""
         from safetensors.torch import load_file
 
+        # Under LoRA the checkpoint has no frozen weights: this learner's base supplies them.
         _, client_state = self.engine.load_checkpoint(path, tag="state", load_optimizer_states=True,
-                                                      load_lr_scheduler_states=False)
+                                                      load_lr_scheduler_states=False,
+                                                      load_module_strict=self.lora_config is None)
         if client_state is None:
             raise FileNotFoundError(f"no DeepSpeed state under {path}")
         reference = os.path.join(path, REFERENCE_FILE)
-        self.reference = self._frozen_copy(load_file(reference)) if os.path.exists(reference) else None
+        if os.path.exists(reference):
+            self._make_reference(load_file(reference))
+        else:
+            self.reference = self.reference_adapters = None
 
     # --- internals ------------------------------------------------------------------------
 
@@ -528,31 +569,83 @@ class Learner:
 
     @torch.no_grad()
     def _reference_logprobs(self, t: _Tensors, temperature: float) -> torch.Tensor:
-        """Log-probs under the frozen reference, a copy of the current policy made on first use."""
+        """Log-probs under the frozen reference, a copy of the current policy made on first use
+        (under LoRA: the frozen base with a copy of the adapters)."""
         if self.reference is None:  # from memory: the source checkpoint may have been pruned
-            self.reference = self._frozen_copy(self._full_state_dict())
+            self._make_reference()
         with replay_routing(self.reference, t.routed_experts):
             logits = self.reference(input_ids=t.input_ids, attention_mask=t.attention_mask, use_cache=False).logits
         return completion_logprobs(logits, t, temperature)
 
-    def _frozen_copy(self, state: dict[str, torch.Tensor]):
-        """A model of the policy's architecture holding `state`, without gradients, on this device."""
+    def _make_reference(self, saved: dict[str, torch.Tensor] | None = None) -> None:
+        """The KL reference: a frozen copy of `saved` (save_state's file) or of the policy now;
+        under LoRA the frozen base with a copy of those adapters (the policy's own when None).
+        Under ZeRO-3 a collective (the weights are gathered)."""
+        if self.lora_config is None:
+            self.reference = self._frozen_copy(saved if saved is not None else self._full_state_dict())
+        else:
+            self.reference_adapters = saved if saved is not None else self._adapter_state()
+            self.reference = self._frozen_copy(self._full_state_dict(merged=False), self.reference_adapters)
+
+    def _frozen_copy(self, state: dict[str, torch.Tensor], adapters: dict[str, torch.Tensor] | None = None):
+        """A model of the policy's architecture holding `state`, and `adapters` on top (LoRA),
+        without gradients, on this device."""
         from transformers import AutoModelForCausalLM
 
-        model = prepare_policy(AutoModelForCausalLM.from_config(self.engine.module.config))
+        model = AutoModelForCausalLM.from_config(self.engine.module.config)
         model.load_state_dict(state)
-        return model.to(self.device).requires_grad_(False)
+        if adapters is not None:
+            lora.add_adapters(model, self.lora_config)
+            lora.load_adapter_state(model, adapters)
+        return prepare_policy(model).to(self.device).requires_grad_(False)
 
-    def _full_state_dict(self, wanted: bool = True) -> dict[str, torch.Tensor]:
-        """fp32 CPU copies of all weights on this rank; under ZeRO-3 a collective gather, which
-        a rank that does not want the copy joins and answers {}."""
+    def _base_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """The module's parameters without LoRA's adapters (those are merged into the rest on the way out)."""
+        return [(n, p) for n, p in self.engine.module.named_parameters() if not lora.is_adapter_weight(n)]
+
+    def _full_state_dict(self, wanted: bool = True, merged: bool = True) -> dict[str, torch.Tensor]:
+        """fp32 CPU copies of all weights on this rank, under the base model's names: under LoRA
+        with the adapters merged in, or (`merged` False) the frozen base alone. Under ZeRO-3 a
+        collective gather, which a rank that does not want the copy joins and answers {}."""
         import deepspeed
 
         module = self.engine.module
         with deepspeed.zero.GatheredParameters(list(module.parameters()), enabled=self.zero_stage == 3):
             if not wanted:
                 return {}
-            return {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in module.state_dict().items()}
+            state = {}
+            for name, tensor in module.state_dict().items():
+                if lora.is_adapter_weight(name):
+                    continue
+                layer = self.adapted.get(name) if merged else None
+                weight = lora.merged_weight(tensor.detach(), layer) if layer is not None else tensor.detach()
+                state[lora.base_name(name)] = weight.to("cpu", torch.float32, copy=True)
+            return state
+
+    def _adapter_state(self) -> dict[str, torch.Tensor]:
+        """fp32 CPU copies of the LoRA adapters (peft's names); under ZeRO-3 a collective gather."""
+        import deepspeed
+
+        adapters = [p for n, p in self.engine.module.named_parameters() if lora.is_adapter_weight(n)]
+        with deepspeed.zero.GatheredParameters(adapters, enabled=self.zero_stage == 3):
+            return lora.adapter_state(self.engine.module)
+
+    @staticmethod
+    def _write_directory(path: str, fill) -> None:
+        """A directory written whole or not at all: `fill(tmp)` writes it under a temporary
+        name, which then replaces `path`."""
+        path = str(path)
+        tmp = path + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        fill(tmp)
+        if os.path.exists(path):  # a directory cannot be os.replace'd onto a non-empty one
+            old = path + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
 
     def _token_share(self, tokens: float) -> float:
         """This rank's tokens times world_size over all ranks' tokens: scaling a token mean by
@@ -642,6 +735,9 @@ class LearnerWorker:
 
     def save(self, path: str) -> None:
         self.learner.save(path)
+
+    def save_checkpoint_model(self, path: str) -> None:
+        self.learner.save_checkpoint_model(path)
 
     def save_state(self, path: str) -> None:
         self.learner.save_state(path)
@@ -746,6 +842,10 @@ class LearnerGroup:
 
     def save(self, path: str) -> None:
         self._wait(self._rank0_calls("save", str(path)), self.deadlines.checkpoint(), "save")
+
+    def save_checkpoint_model(self, path: str) -> None:
+        """The model part of a run checkpoint: the HF directory, or under LoRA the adapters alone."""
+        ray.get(self._rank0_calls("save_checkpoint_model", str(path)))
 
     def save_state(self, path: str) -> None:
         """Every rank writes its own optimizer partition (one shared directory, one node)."""

@@ -27,6 +27,8 @@ MANIFEST = "MANIFEST.json"
 PREFIX = "step-"
 RECIPE = "recipe.resolved.yaml"  # the recipe that wrote the checkpoint, as `zaya-rl show` prints it
 STATE_KEYS = ("position", "data", "curriculum", "summary", "metrics_records", "random")
+# peft's file of an adapter directory: the model of a LoRA run's checkpoint (Learner.save_checkpoint_model)
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 class ResumeError(RuntimeError):
@@ -94,13 +96,22 @@ def latest(run_dir: Path, report: Callable[[str], None] = print) -> Path | None:
     return None
 
 
+def base_model_path(path: Path) -> Path:
+    """The model directory workers start from: `path`, or for a LoRA adapter directory the base
+    model it adapts (the learner takes the adapters from the checkpoint's DeepSpeed state)."""
+    config = Path(path) / ADAPTER_CONFIG
+    return Path(json.loads(config.read_text())["base_model_name_or_path"]) if config.is_file() else Path(path)
+
+
 def resumable_state(path: Path, recipe: Recipe) -> dict:
     """The checkpoint's `state.json`, once it is clear that `recipe` can continue from it: the
     stages the run had finished or was in are the recipe's first stages (by name), and every
     source whose data position it holds is still in the recipe. Settings may differ (a new lr,
     `--set`), and so may the stages still to come."""
     state = json.loads((path / "state.json").read_text())
-    restart = f"start a stage anew with --stage NAME --from {path / 'model'}"
+    # A LoRA checkpoint's model is adapters alone; the stage checkpoints (RUN_DIR/stages/NAME) are whole.
+    weights = "RUN_DIR/stages/NAME" if (path / "model" / ADAPTER_CONFIG).is_file() else path / "model"
+    restart = f"start a stage anew with --stage NAME --from {weights}"
     if missing := [key for key in STATE_KEYS if key not in state]:
         raise ResumeError(f"{path}: state.json lacks {missing} (an older zaya-rl wrote it): {restart}")
     position = state["position"]
@@ -108,10 +119,17 @@ def resumable_state(path: Path, recipe: Recipe) -> dict:
     reached = position["stage_index"] + (1 if position.get("step", 0) > 0 else 0)
     names = [stage.name for stage in recipe.stages]
     if (path / RECIPE).is_file():
-        written_by = [stage["name"] for stage in yaml.safe_load((path / RECIPE).read_text())["stages"]]
+        written = yaml.safe_load((path / RECIPE).read_text())
+        written_by = [stage["name"] for stage in written["stages"]]
         if written_by[:reached] != names[:reached]:
             raise ResumeError(f"{path}: written after stages {written_by[:reached]} of {written_by}; the recipe "
                               f"{recipe.name!r} has stages {names}: resume with the recipe that wrote it, or {restart}")
+        # LoRA checkpoints hold adapters of one shape and their optimizer state; full ones every weight's.
+        written_lora = written.get("deepspeed", {}).get("lora")
+        lora = recipe.deepspeed.lora.model_dump(mode="json") if recipe.deepspeed.lora else None
+        if written_lora != lora:
+            raise ResumeError(f"{path}: written with deepspeed.lora {written_lora}; the recipe {recipe.name!r} has "
+                              f"{lora}: resume with the LoRA settings it trained with")
     elif reached > len(names):
         raise ResumeError(f"{path}: written after {reached} stages, but the recipe {recipe.name!r} has "
                           f"{len(names)}: {restart}")

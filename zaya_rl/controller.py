@@ -301,7 +301,7 @@ class Controller:
         }
 
         def fill(tmp: Path) -> None:
-            self.learners.save(str(tmp / "model"))
+            self.learners.save_checkpoint_model(str(tmp / "model"))
             self.learners.save_state(str(tmp / "optimizer"))
             (tmp / "state.json").write_text(json.dumps(state, indent=1))
             (tmp / checkpoint.RECIPE).write_text(dump_recipe(self.recipe))
@@ -326,7 +326,7 @@ class Controller:
         self.in_flight.clear()
         self.resend = [([Task.from_dict(t) for t in b["tasks"]], b["num_plain"]) for b in state.get("in_flight", [])]
         self.dropped_batches = state.get("dropped_batches", 0)
-        return path / "model"
+        return checkpoint.base_model_path(path / "model")  # LoRA: the base (adapters: optimizer state)
 
     def _recover(self, error: Exception) -> None:
         """An actor Ray could not replace died or hung (a learner; a rollout worker out of restarts

@@ -475,8 +475,38 @@ class ResourcesConfig(StrictModel):
         return self
 
 
+# Attention projections and a Qwen3-MoE's experts (fused 3D weights, one adapter per expert).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+class LoraSettings(StrictModel):
+    """LoRA (docs/methods.md, "LoRA"): the learner trains a low-rank update scale·B·A of each
+    targeted weight and keeps every base weight frozen; engines and the final checkpoint get
+    the merged weights, run checkpoints the adapters alone. No dropout: the learner's log-probs
+    must be the engine's."""
+
+    rank: int = Field(8, ge=1, description="r of every adapter (of each expert's, for expert weights)")
+    alpha: float = Field(16.0, gt=0, description="the update is scaled by alpha / rank")
+    targets: list[str] = Field(
+        default_factory=lambda: list(LORA_TARGETS), min_length=1,
+        description="the weights to adapt, by the last part of their name: a linear layer (q_proj) or a "
+        "weight of a module (a Qwen3-MoE's experts.gate_up_proj, matched by gate_up_proj); each must name "
+        "at least one weight of the model")
+
+    @model_validator(mode="after")
+    def _check(self) -> LoraSettings:
+        for name in self.targets:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) or name in ("weight", "bias"):
+                raise _at("targets", f"LoRA target {name!r} is not the name of a layer or of a module's weight "
+                          "(letters, digits and _, such as q_proj or gate_up_proj)")
+        if len(set(self.targets)) != len(self.targets):
+            raise _at("targets", f"LoRA targets repeat a name: {self.targets}")
+        return self
+
+
 class DeepSpeedConfig(StrictModel):
-    """The learner's DeepSpeed engine. The defaults are the CPU default job's: fp32, no compile."""
+    """The learner's DeepSpeed engine. The defaults are the CPU default job's: fp32, no compile,
+    full fine-tuning."""
 
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="0: plain data parallel; 1/2: optimizer state "
                                             "and gradients partitioned; 3: parameters too (MoE blocks as "
@@ -493,6 +523,8 @@ class DeepSpeedConfig(StrictModel):
                                 "accumulation), each over sequences of similar length: right padding costs "
                                 "as much as a real token, so batches of mixed lengths (aggregation prompts "
                                 "beside plain ones) train faster in 2-4 (benchmarks/length_buckets.py)")
+    lora: LoraSettings | None = Field(None, description="train LoRA adapters on a frozen base instead of every "
+                                      "weight; null: full fine-tuning")
 
     @model_validator(mode="after")
     def _check(self) -> DeepSpeedConfig:

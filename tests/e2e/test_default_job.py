@@ -56,15 +56,20 @@ def check_run_dir(run_dir: Path, rl_steps: int):
     return summary
 
 
+def run_mini(run_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    """The mini recipe with 2 RL steps through the CLI on a local Ray."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run([sys.executable, "-m", "zaya_rl.cli", "run", str(HERE / "mini.yaml"), "--run-dir",
+                           str(run_dir), "--set", "stages.rl.steps=2", *args],
+                          capture_output=True, text=True, env=env, timeout=900)
+
+
 @pytest.fixture(scope="module")
 def mini_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """The mini recipe run once through the CLI on a local Ray, with 2 RL steps."""
     run_dir = tmp_path_factory.mktemp("mini") / "run"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     start = time.time()
-    proc = subprocess.run([sys.executable, "-m", "zaya_rl.cli", "run", str(HERE / "mini.yaml"),
-                           "--run-dir", str(run_dir), "--set", "stages.rl.steps=2"],
-                          capture_output=True, text=True, env=env, timeout=900)
+    proc = run_mini(run_dir)
     print(f"mini recipe through the CLI: {time.time() - start:.0f} s")
     return run_dir, proc
 
@@ -104,6 +109,42 @@ def test_report_of_a_finished_and_of_a_running_run(mini_run, tmp_path):
     drawn = sorted(p.stem for p in (running / "report").glob("*.png"))
     assert drawn == sorted(set(plots) - {"held_out", "step_time"})
     assert (running / "report" / "report.html").read_text().count("summary.json is written when the run finishes") == 2
+
+
+LORA = "deepspeed.lora={rank: 8, alpha: 16}"
+
+
+def test_lora_run_passes_the_same_checks_and_resumes(tmp_path):
+    """The mini recipe training LoRA adapters (attention and experts) instead of every weight:
+    the engines serve the merged weights (the log-prob check), run checkpoints hold the adapters
+    alone, the final checkpoint is whole, and a run that lost its last checkpoint resumes from
+    the adapters and optimizer state of the one before."""
+    from safetensors.torch import load_file
+
+    from zaya_rl import checkpoint
+    from zaya_rl.lora import ADAPTER_WEIGHTS
+
+    run_dir = tmp_path / "run"
+    proc = run_mini(run_dir, "--set", LORA)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    check_run_dir(run_dir, rl_steps=2)
+    written = checkpoint.complete(run_dir)
+    assert [p.name for p in written] == ["step-00000004", "step-00000006"]  # after warmup, after rl
+    for path in written:
+        assert sorted(p.name for p in (path / "model").iterdir()) == [checkpoint.ADAPTER_CONFIG, ADAPTER_WEIGHTS]
+        assert checkpoint.base_model_path(path / "model") == (run_dir / "initial").resolve()
+    uninterrupted = load_file(written[-1] / "model" / ADAPTER_WEIGHTS)
+    # The warmup moved the adapters' B (zero at the start) by far more than two RL steps at lr 1e-4 can.
+    assert max(w.abs().max() for k, w in uninterrupted.items() if ".lora_B." in k) > 2e-3
+
+    shutil.rmtree(written[-1])  # as if the run had died in its RL stage
+    resumed = run_mini(run_dir, "--set", LORA, "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"resuming from {written[0]}" in resumed.stdout
+    check_run_dir(run_dir, rl_steps=2)
+    again = load_file(checkpoint.latest(run_dir) / "model" / ADAPTER_WEIGHTS)
+    for name, weight in uninterrupted.items():
+        torch.testing.assert_close(again[name], weight, atol=5e-4, rtol=0)
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import torch
 
 from workers.learner import LearnerGroup, Sequence
 from zaya_rl.models import load_model, load_tokenizer
-from zaya_rl.recipe import AlgorithmConfig, DeepSpeedConfig
+from zaya_rl.recipe import AlgorithmConfig, DeepSpeedConfig, LoraSettings
 from zaya_rl.tasks import TaskStream
 
 pytestmark = pytest.mark.ray
@@ -93,6 +93,43 @@ def test_zero3_two_ranks_equal_zero2_one_rank(ray_local, checkpoint):
     assert weights3.keys() == weights2.keys()
     diff = torch.cat([(weights3[k] - weights2[k]).flatten() for k in weights2]).abs()
     assert (diff > 1e-5).float().mean() < 1e-3, int((diff > 1e-5).sum())
+
+
+def test_lora_on_two_zero3_ranks_equals_one_zero2_rank(ray_local, checkpoint, tmp_path):
+    """LoRA adapters over two ZeRO-3 ranks: their gradients are reduced over the ranks, the merged
+    weights gathered from the partitions, and every rank joins the adapters' gather when a run
+    checkpoint's model is written; all as one ZeRO-2 rank computes them."""
+    from safetensors.torch import load_file
+
+    from zaya_rl.lora import ADAPTER_WEIGHTS
+
+    tok = load_tokenizer(checkpoint)
+    tasks = TaskStream("chain_sum", 2).take(1, 2) + TaskStream("chain_sum", 2).take(3, 2)
+    batch = [Sequence(tok(t.prompt)["input_ids"], tok(t.solution)["input_ids"] + [tok.eos_token_id],
+                      advantage=1.0 if i % 2 == 0 else -1.0) for i, t in enumerate(tasks)]
+    lora = LoraSettings(rank=4, alpha=8)
+    results = []
+    for workers, ds in ((2, DeepSpeedConfig(zero_stage=3, lora=lora)), (1, DeepSpeedConfig(zero_stage=2, lora=lora))):
+        group = LearnerGroup(workers, checkpoint, ds)
+        try:
+            sft = group.sft_step(batch, lr=1e-2)
+            seqs = [Sequence(s.prompt_ids, s.completion_ids, advantage=s.advantage, old_logprobs=lp)
+                    for s, lp in zip(batch, group.logprobs(batch))]
+            rl = group.rl_step(seqs, lr=1e-2, algorithm=AlgorithmConfig(loss="ppo_clip"))
+            group.save_checkpoint_model(str(tmp_path / f"{workers}"))
+            results.append((sft, rl, group.state_dict(), load_file(tmp_path / f"{workers}" / ADAPTER_WEIGHTS)))
+        finally:
+            group.shutdown()
+    (sft3, rl3, weights3, adapters3), (sft2, rl2, weights2, adapters2) = results
+    assert sft3["loss"] == pytest.approx(sft2["loss"], rel=1e-5)
+    assert sft3["grad_norm"] == pytest.approx(sft2["grad_norm"], rel=1e-4)
+    assert rl3["mean_abs_logprob_diff"] < 1e-5 and rl3["grad_norm"] == pytest.approx(rl2["grad_norm"], rel=1e-3)
+    assert weights3.keys() == weights2.keys() == load_model(checkpoint).state_dict().keys()
+    for name in weights2:
+        torch.testing.assert_close(weights3[name], weights2[name], atol=1e-4, rtol=0)
+    assert adapters3.keys() == adapters2.keys()
+    for name in adapters2:
+        torch.testing.assert_close(adapters3[name], adapters2[name], atol=1e-4, rtol=0)
 
 
 def test_a_taken_rendezvous_port_is_retried(ray_local, checkpoint, monkeypatch):

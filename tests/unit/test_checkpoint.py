@@ -142,6 +142,38 @@ def test_a_checkpoint_the_recipe_cannot_continue_is_refused_by_name(tmp_path, po
     assert f"--stage NAME --from {written / 'model'}" in str(err.value)
 
 
+@pytest.mark.parametrize("written_with, resumed_with", [
+    ([], ["deepspeed.lora={rank: 8}"]), (["deepspeed.lora={rank: 8}"], []),
+    (["deepspeed.lora={rank: 8}"], ["deepspeed.lora={rank: 4}"])])
+def test_a_checkpoint_resumes_only_with_the_lora_settings_that_wrote_it(tmp_path, written_with, resumed_with):
+    """Its optimizer state is of every weight (full fine-tuning) or of adapters of one shape."""
+    written = run_checkpoint(tmp_path, {"stage_index": 1, "step": 5}, {"chain_sum": {}},
+                             dump_recipe(load_recipe(TINY, written_with)))
+    assert checkpoint.resumable_state(written, load_recipe(TINY, written_with + ["stages.rl.lr=3e-5"]))
+    with pytest.raises(checkpoint.ResumeError) as err:
+        checkpoint.resumable_state(written, load_recipe(TINY, resumed_with))
+    assert str(err.value).startswith(f"{written}: written with deepspeed.lora ")
+    assert "resume with the LoRA settings it trained with" in str(err.value)
+
+
+def test_a_lora_checkpoint_names_its_base_and_the_whole_weights_to_restart_from(tmp_path):
+    lora = ["deepspeed.lora={rank: 8}"]
+
+    def fill(tmp):
+        (tmp / "model").mkdir()
+        (tmp / "model" / checkpoint.ADAPTER_CONFIG).write_text(json.dumps({"base_model_name_or_path": "/base"}))
+        state = {"position": {"stage_index": 1, "step": 5}, "data": {"chain_sum": {}}, "curriculum": None,
+                 "summary": {}, "metrics_records": 0, "random": {}}
+        (tmp / "state.json").write_text(json.dumps(state))
+        (tmp / checkpoint.RECIPE).write_text(dump_recipe(load_recipe(TINY, lora)))
+
+    written = checkpoint.write(tmp_path, 7, fill, keep_last=1)
+    assert checkpoint.base_model_path(written / "model") == Path("/base")
+    with pytest.raises(checkpoint.ResumeError) as err:  # its model is adapters: no --from that
+        checkpoint.resumable_state(written, load_recipe(TINY, lora + ["stages.rl.name=grpo"]))
+    assert "--stage NAME --from RUN_DIR/stages/NAME" in str(err.value)
+
+
 def test_a_checkpoint_without_its_recipe_resumes_while_the_recipe_has_its_stage(tmp_path):
     inside = run_checkpoint(tmp_path, {"stage_index": 1, "step": 2}, {"chain_sum": {}}, None)
     assert checkpoint.resumable_state(inside, load_recipe(TINY))
