@@ -845,7 +845,8 @@ class LearnerGroup:
 
     def save_checkpoint_model(self, path: str) -> None:
         """The model part of a run checkpoint: the HF directory, or under LoRA the adapters alone."""
-        ray.get(self._rank0_calls("save_checkpoint_model", str(path)))
+        self._wait(self._rank0_calls("save_checkpoint_model", str(path)), self.deadlines.checkpoint(),
+                   "save_checkpoint_model")
 
     def save_state(self, path: str) -> None:
         """Every rank writes its own optimizer partition (one shared directory, one node)."""
