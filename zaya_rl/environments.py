@@ -174,7 +174,8 @@ def run_episodes(envs: list[Environment], tasks: list[Task], generate: Generate,
                  temperature: float, max_turn_tokens: int, max_episode_tokens: int, context: int,
                  prompt_text: Callable[[str], str] = lambda text: text) -> list[Episode]:
     """One episode of each environment with its task, all turns of all episodes batched per
-    turn. A turn stops at EOS, at one of the environment's `turn_end` strings, at
+    turn (the environments are of one kind: the first one's `turn_end` serves all). A turn
+    stops at EOS, at one of the environment's `turn_end` strings, at
     `max_turn_tokens`, or where the episode reaches `max_episode_tokens` (policy and
     observations together) or the engine's `context`; an episode that cannot fit another
     policy token after an observation ends there, with the rewards it has. `prompt_text` puts
@@ -187,7 +188,7 @@ def run_episodes(envs: list[Environment], tasks: list[Task], generate: Generate,
             budgets = [min(max_turn_tokens, max_episode_tokens - len(episodes[i].token_ids),
                            context - len(episodes[i].prompt_ids) - len(episodes[i].token_ids)) for i in live]
             turns = generate([episodes[i].prompt_ids + episodes[i].token_ids for i in live], budgets,
-                             temperature, envs[live[0]].turn_end)
+                             temperature, envs[0].turn_end)
             actions = tokenizer.batch_decode([t.token_ids for t in turns], skip_special_tokens=True)
             steps = list(pool.map(lambda i, action: envs[i].step(action), live, actions))
             still_live = []

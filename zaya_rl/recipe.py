@@ -676,9 +676,11 @@ class Recipe(StrictModel):
                 raise _at(f"{loc}.levels", f"{loc}.levels has a level above tasks.max_level")
         return self
 
-
     def _check_environments(self) -> None:
         """What multi-turn episodes cannot be combined with, and what tool demonstrations need."""
+        if self.resources.rollout_engine != "vllm" and self.uses_environment():
+            raise _at("resources.rollout_engine", "episodes continue token ids in vLLM: rollout.environment "
+                      "needs resources.rollout_engine 'vllm'")
         for i, stage in enumerate(self.stages):
             if isinstance(stage, SftStage) and stage.tool_demonstrations:
                 if self.rollout.environment is None:
@@ -687,16 +689,12 @@ class Recipe(StrictModel):
                 if stage.aggregation_share > 0:
                     raise _at(f"stages.{i}.sft.aggregation_share", f"stage {stage.name!r}: tool demonstrations "
                               "have no aggregation prompts: set aggregation_share to 0")
-                for j, source in enumerate(self.data_for(stage).sources):
+                for source in self.data_for(stage).sources:
                     if not (isinstance(source, GymSource) and source.generator == "chain_sum"):
                         raise _at(f"stages.{i}.sft.tool_demonstrations", f"stage {stage.name!r}: tool demonstrations "
                                   f"are written for chain_sum sums; source {source.name!r} is not one")
             if not isinstance(stage, RlStage) or stage.rollout.environment is None:
                 continue
-            at = f"stages.{i}.rl.rollout.environment"  # the recipe's own block when the stage does not set it
-            if self.resources.rollout_engine != "vllm":
-                raise _at(at, "episodes continue token ids in vLLM: rollout.environment needs "
-                          "resources.rollout_engine 'vllm'")
             if stage.algorithm.router_replay:
                 raise _at(f"stages.{i}.rl.algorithm.router_replay", f"stage {stage.name!r}: router replay of "
                           "multi-turn episodes is not supported: turn off algorithm.router_replay or "

@@ -368,7 +368,7 @@ def test_tools_recipe_merges_the_environment_into_rl_stages(tmp_path):
 
 
 @pytest.mark.parametrize(("old", "new", "where", "message"), [
-    ("name: x\n", "name: x\nresources: {rollout_engine: hf}\n", ":4: rollout.environment",
+    ("name: x\n", "name: x\nresources: {rollout_engine: hf}\n", ":2: resources.rollout_engine",
      "needs resources.rollout_engine 'vllm'"),
     ("overlong: none", "router_replay: true", ":10: stages.1.rl.algorithm.router_replay", "router replay of multi-turn"),
     ("overlong: none", "overlong: shape, overlong_buffer: 4", ":10: stages.1.rl.algorithm.overlong",
