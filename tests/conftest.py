@@ -10,9 +10,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory):
-    """A 2-layer Qwen3-MoE (4 experts, top-2) with a tokenizer trained on chain sums."""
+def _build_tiny(tmp_path_factory, name: str, pieces: tuple[str, ...] = ()):
     from zaya_rl.models import build_checkpoint
     from zaya_rl.recipe import TinyModelConfig
     from zaya_rl.tasks import TaskStream
@@ -21,7 +19,21 @@ def tiny_checkpoint(tmp_path_factory):
     corpus = [t.prompt + t.solution for level in range(3) for t in stream.take(level, 300)]
     cfg = TinyModelConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32,
                           num_experts=4, experts_per_token=2, moe_intermediate_size=64)
-    return build_checkpoint(cfg, corpus, tmp_path_factory.mktemp("ckpt") / "tiny", seed=0)
+    return build_checkpoint(cfg, corpus, tmp_path_factory.mktemp("ckpt") / name, seed=0, pieces=pieces)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A 2-layer Qwen3-MoE (4 experts, top-2) with a tokenizer trained on chain sums."""
+    return _build_tiny(tmp_path_factory, "tiny")
+
+
+@pytest.fixture(scope="session")
+def tool_checkpoint(tmp_path_factory):
+    """The same, its tokenizer holding the Python tool's markup as single tokens."""
+    from zaya_rl.environments import TOOL_PIECES
+
+    return _build_tiny(tmp_path_factory, "tools", TOOL_PIECES)
 
 
 @pytest.fixture(scope="session")

@@ -65,6 +65,10 @@ class Sequence:
     # token on (the last sampled one may be missing: the engine never ran it): the learner's
     # forward passes replay them (zaya_rl/router_replay.py).
     routed_experts: np.ndarray | None = None
+    # 1 on the completion tokens the policy wrote, 0 on those an environment wrote (tool outputs
+    # in a multi-turn episode), one per completion token: only the policy's count in the loss and
+    # the log-prob check. None: every completion token is the policy's.
+    loss_mask: list[int] | None = None
 
 
 @dataclass
@@ -73,7 +77,7 @@ class _Tensors:
     attention_mask: torch.Tensor  # (B, T)
     positions: torch.Tensor       # (B, C) index into T of the logits that predict completion token j
     targets: torch.Tensor         # (B, C) completion token ids
-    mask: torch.Tensor            # (B, C) 1.0 on real completion tokens
+    mask: torch.Tensor            # (B, C) 1.0 on the policy's completion tokens (loss_mask), 0 on pads
     advantages: torch.Tensor      # (B,)
     engine_logprobs: torch.Tensor | None = None  # (B, C) the sequences' old_logprobs (μ), when all have them
     routed_experts: torch.Tensor | None = None  # (B * T, layers, top_k), -1: the model's own routing
@@ -85,6 +89,8 @@ def collate(batch: list[Sequence], pad_id: int, device: torch.device) -> _Tensor
     for seq in batch:
         if not seq.prompt_ids or not seq.completion_ids:
             raise ValueError("every sequence needs a non-empty prompt and completion")
+        if seq.loss_mask is not None and len(seq.loss_mask) != len(seq.completion_ids):
+            raise ValueError(f"loss_mask has {len(seq.loss_mask)} values for {len(seq.completion_ids)} completion tokens")
     width = max(len(s.prompt_ids) + len(s.completion_ids) for s in batch)
     comp = max(len(s.completion_ids) for s in batch)
     input_ids, attention, positions, targets, mask = [], [], [], [], []
@@ -95,7 +101,7 @@ def collate(batch: list[Sequence], pad_id: int, device: torch.device) -> _Tensor
         start = len(s.prompt_ids) - 1  # logits at position t predict token t + 1
         positions.append(list(range(start, start + c)) + [0] * (comp - c))
         targets.append(s.completion_ids + [0] * (comp - c))
-        mask.append([1.0] * c + [0.0] * (comp - c))
+        mask.append([float(m) for m in (s.loss_mask or [1] * c)] + [0.0] * (comp - c))
     long = dict(dtype=torch.long, device=device)
     return _Tensors(
         input_ids=torch.tensor(input_ids, **long),
@@ -109,6 +115,11 @@ def collate(batch: list[Sequence], pad_id: int, device: torch.device) -> _Tensor
             dtype=torch.float32, device=device)),
         routed_experts=_collate_experts(batch, width, device),
     )
+
+
+def masked_tokens(batch: list[Sequence]) -> int:
+    """Completion tokens left out of the loss by the sequences' loss masks (environment outputs)."""
+    return sum(len(s.loss_mask) - sum(s.loss_mask) for s in batch if s.loss_mask is not None)
 
 
 def length_buckets(lengths: list[int], parts: int) -> list[list[int]]:
@@ -306,8 +317,8 @@ class Learner:
             loss_sum += float(loss.detach())
             routed = routed + self._routed_counts(out, t.attention_mask)
             routed_tokens += float(t.attention_mask.sum())
-        return {"loss": loss_sum, "tokens": int(tokens), "grad_norm": self._step(lr),
-                "expert_load": (routed / routed_tokens).tolist()}
+        return {"loss": loss_sum, "tokens": int(tokens), "masked_tokens": masked_tokens(batch),
+                "grad_norm": self._step(lr), "expert_load": (routed / routed_tokens).tolist()}
 
     def rl_step(self, batch: list[Sequence], lr: float, algorithm: AlgorithmConfig,
                 minibatches: int = 1, temperature: float = 1.0) -> dict:
@@ -388,7 +399,7 @@ class Learner:
                 stats.setdefault(key, []).append(value)
         return {
             **{key: _mean(values) for key, values in stats.items()},
-            "tokens": int(sum(len(s.completion_ids) for s in batch)),
+            "tokens": int(sum(len(s.completion_ids) for s in batch)), "masked_tokens": masked_tokens(batch),
             "prompt_tokens": int(sum(len(s.prompt_ids) for s in batch)), "sequences": len(batch),
             "mean_abs_logprob_diff": drift / drift_tokens,
             **({"routing_mismatch": mismatch / drift_tokens} if batch[0].routed_experts is not None else {}),
@@ -892,7 +903,7 @@ def _merge(stats: list[dict]) -> dict:
                 "routing_mismatch"):
         if key in out:
             out[key] = _mean([s[key] for s in stats])
-    for key in ("tokens", "prompt_tokens", "sequences"):
+    for key in ("tokens", "masked_tokens", "prompt_tokens", "sequences"):
         if key in out:
             out[key] = sum(s[key] for s in stats)
     if "expert_load" in out:

@@ -16,8 +16,11 @@ import numpy as np
 import ray
 import torch
 
+from zaya_rl.environments import AnswerScorer, PythonToolEnv, Turn, run_episodes
 from zaya_rl.models import chat_prompt, weights_as_tensors
+from zaya_rl.recipe import PythonToolConfig
 from zaya_rl.rsa import RsaConfig, RsaResult, run_rsa
+from zaya_rl.tasks import Task
 
 
 @dataclass
@@ -31,6 +34,18 @@ class Completion:
     # completion to, (tokens, moe_layers, top_k); the last sampled token never went through
     # the model, so there is one row fewer than tokens.
     routed_experts: np.ndarray | None = None
+    # A multi-turn episode (zaya_rl/environments.py): token_ids hold the policy's turns and the
+    # observations between them, `loss_mask` is 1 on the policy's tokens (logprobs are 0.0 on the
+    # others), `text` is the policy's turns only, and `reward` the environment's return. None and
+    # 1 for a single completion, which the verifier pool scores.
+    loss_mask: list[int] | None = None
+    turns: int = 1
+    reward: float | None = None
+
+    @property
+    def generated_tokens(self) -> int:
+        """Tokens the engine sampled: an episode's observations were not."""
+        return len(self.token_ids) if self.loss_mask is None else sum(self.loss_mask)
 
 
 @dataclass(frozen=True)
@@ -94,6 +109,7 @@ class VllmEngine:
             self.weight_transfer = "ipc" if visible & set(gpu.learner_devices) else "nccl"
             options.update(enable_sleep_mode=gpu.sleep_mode, weight_transfer_config={"backend": self.weight_transfer})
         self.llm = LLM(**options)
+        self.max_model_len = max_model_len
         self.tokenizer = self.llm.get_tokenizer()
         self.asleep = False
         self.return_routed_experts = return_routed_experts
@@ -128,6 +144,27 @@ class VllmEngine:
             ]
             for out in outputs
         ]
+
+    def continue_ids(self, prompts: list[list[int]], max_tokens: list[int], temperature: float,
+                     stop: tuple[str, ...]) -> list[Turn]:
+        """One sample of each token-id prompt, as given (no template, no tokenizer), up to its
+        own max_tokens, stopping at EOS or after one of `stop` (kept in the sample).
+
+        Requests carry no seed of their own: when vLLM prefills a long prompt in chunks it
+        rewinds a seeded request's generator, which its CPU sampler cannot do (RuntimeError "CPU
+        Generator does not use offset"); episodes' prompts grow long. The engine's seed holds."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if self.asleep:
+            raise RuntimeError("the engine is asleep: update its weights before generating")
+        # Stop strings are matched on the detokenized text, so these requests detokenize.
+        params = [SamplingParams(n=1, temperature=temperature, max_tokens=limit, logprobs=0, stop=list(stop))
+                  for limit in max_tokens]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts], params, use_tqdm=False)
+        return [Turn(token_ids=list(c.token_ids), logprobs=[step[tok].logprob for tok, step in zip(c.token_ids, c.logprobs)],
+                     eos=c.finish_reason == "stop" and c.stop_reason is None)
+                for c in (out.outputs[0] for out in outputs)]
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Weights from host memory (the object store): reloaded in place by each vLLM worker."""
@@ -325,12 +362,34 @@ class Rollout:
             self.engine = VllmEngine(model_path, seed, max_model_len, torch_threads, return_routed_experts,
                                      dtype, gpu)
         self.weights_version = 0
+        self.scorer: AnswerScorer | None = None  # episodes' final answers
 
     def generate(self, prompts: list[str], n: int, temperature: float, max_tokens: int,
                  seed: int | None = None) -> list[list[Completion]]:
         """Samples of each prompt, put in the checkpoint's chat template when it has one."""
         texts = [chat_prompt(self.engine.tokenizer, p) for p in prompts]
         return self.engine.generate(texts, n, temperature, max_tokens, seed)
+
+    def episodes(self, tasks: list[Task], n: int, temperature: float, max_tokens: int,
+                 environment: PythonToolConfig) -> list[list[Completion]]:
+        """`n` episodes of each task in `environment` (zaya_rl/environments.py), all of them
+        batched turn by turn on this engine; `max_tokens` bounds each policy turn. Unseeded
+        (`VllmEngine.continue_ids` says why)."""
+        if not isinstance(self.engine, VllmEngine):
+            raise ValueError("episodes continue token ids in vLLM: the hf engine cannot run them")
+        if self.scorer is None:  # a child process: started on the first episodes, not with every engine
+            self.scorer = AnswerScorer()
+        repeated = [task for task in tasks for _ in range(n)]
+        envs = [PythonToolEnv(environment, self.scorer) for _ in repeated]
+        tokenizer = self.engine.tokenizer
+        episodes = run_episodes(
+            envs, repeated, self.engine.continue_ids,
+            tokenizer, temperature, max_tokens, environment.max_episode_tokens,
+            self.engine.max_model_len, lambda text: chat_prompt(tokenizer, text))
+        completions = [Completion(prompt_ids=e.prompt_ids, token_ids=e.token_ids, logprobs=e.logprobs,
+                                  text="".join(e.actions), finished=e.eos, loss_mask=e.loss_mask,
+                                  turns=len(e.actions), reward=e.reward) for e in episodes]
+        return [completions[i * n:(i + 1) * n] for i in range(len(tasks))]
 
     def load_weights(self, state_dict: dict[str, torch.Tensor | np.ndarray], version: int) -> int:
         self.engine.load_weights(weights_as_tensors(state_dict))

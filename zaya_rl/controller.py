@@ -21,12 +21,13 @@ import torch
 from workers.learner import LearnerGroup, Sequence, weight_bytes
 from workers.rollout import Completion, GpuOptions, RolloutWorker
 from workers.verifier import VerifierPool
-from zaya_rl import algorithms, checkpoint, placement, rsa
+from zaya_rl import algorithms, checkpoint, environments, placement, rsa
 from zaya_rl.curriculum import AdaptiveCurriculum
 from zaya_rl.deadlines import Deadlines, Hung, wait
 from zaya_rl.metrics import MetricsSink
 from zaya_rl.models import build_checkpoint, chat_prompt, context_length, load_tokenizer
-from zaya_rl.recipe import CurriculumConfig, EvalConfig, Recipe, RlStage, SftStage, StageBase, dump_recipe
+from zaya_rl.recipe import (CurriculumConfig, EvalConfig, PythonToolConfig, Recipe, RlStage, SftStage, StageBase,
+                            dump_recipe)
 from zaya_rl.tasks import Task, TaskStream, build_source, held_out_tasks
 
 
@@ -205,7 +206,8 @@ class Controller:
         corpus_stream = TaskStream(self.recipe.tasks.generator, self.recipe.seed)
         corpus = [t.prompt + t.solution for level in range(self.recipe.tasks.max_level + 1)
                   for t in corpus_stream.take(level, 500)]
-        return build_checkpoint(self.recipe.model.tiny, corpus, self.run_dir / "initial", self.recipe.seed)
+        pieces = environments.TOOL_PIECES if self.recipe.uses_environment() else ()
+        return build_checkpoint(self.recipe.model.tiny, corpus, self.run_dir / "initial", self.recipe.seed, pieces)
 
     def _start_workers(self, model_path: Path, resumed: Path | None) -> None:
         res = self.recipe.resources
@@ -594,12 +596,18 @@ class Controller:
 
     def pass_rates(self, tasks: list[Task], samples: int, stage: RlStage, times: StageTimes) -> list[float]:
         """Each task's pass rate over `samples` samples of the policy at the stage's settings."""
-        groups = self.generate([t.prompt for t in tasks], samples, stage.rollout.temperature,
-                               stage.rollout.max_tokens, times)
+        groups = self.generate(tasks, samples, stage.rollout.temperature, stage.rollout.max_tokens, times,
+                               environment=stage.rollout.environment)
         with Timer(times, "verify"):
-            correct = self.score_tasks([t for t in tasks for _ in range(samples)],
-                                       [c.text for group in groups for c in group])
+            correct = self.rewards([t for t in tasks for _ in range(samples)], [c for group in groups for c in group])
         return [sum(correct[i * samples:(i + 1) * samples]) / samples for i in range(len(tasks))]
+
+    def rewards(self, tasks: list[Task], samples: list[Completion]) -> list[float]:
+        """Each sample's reward: an episode's return from its environment, which scored its final
+        answer; a single completion's from the verifier pool (`score_tasks`)."""
+        if all(c.reward is not None for c in samples):
+            return [c.reward for c in samples]
+        return self.score_tasks(tasks, [c.text for c in samples])
 
     def score_tasks(self, tasks: list[Task], texts: list[str]) -> list[float]:
         """Each completion's reward in [0, 1]: code tasks 1.0 when their tests pass, reasoning-gym
@@ -624,13 +632,28 @@ class Controller:
         num_aggregated = round(stage.aggregation_share * stage.batch_size)
         if num_aggregated:
             tasks[:num_aggregated] = self.sampled_aggregation_tasks(stage, tasks[:num_aggregated], times)
-        batch = [Sequence(self._ids(chat_prompt(self.tokenizer, t.prompt)),
-                          self._ids(t.solution) + [self.tokenizer.eos_token_id]) for t in tasks]
+        if stage.tool_demonstrations:
+            batch = [self._tool_demonstration(t) for t in tasks]
+        else:
+            batch = [Sequence(self._ids(chat_prompt(self.tokenizer, t.prompt)),
+                              self._ids(t.solution) + [self.tokenizer.eos_token_id]) for t in tasks]
         self.release_engines(times)
         with Timer(times, "train"):
             stats = self.learners.sft_step(batch, lr=lr)
         return {"loss": stats["loss"], "lr": lr, "aggregation_prompts": num_aggregated,
-                "expert_load": stats["expert_load"]}
+                "masked_tokens": stats["masked_tokens"], "expert_load": stats["expert_load"]}
+
+    def _tool_demonstration(self, task: Task) -> Sequence:
+        """A worked solution that calls the tool, tokenized piece by piece as an episode is
+        (observations apart from the policy's turns), the tool output masked from the loss."""
+        prompt, turns = environments.tool_demonstration(task, self.recipe.rollout.environment)
+        ids, mask = [], []
+        for text, own in turns:
+            piece = self._ids(text)
+            ids += piece
+            mask += [int(own)] * len(piece)
+        return Sequence(self._ids(chat_prompt(self.tokenizer, prompt)), ids + [self.tokenizer.eos_token_id],
+                        loss_mask=mask + [1])
 
     def sampled_aggregation_tasks(self, stage: SftStage, tasks: list[Task], times: StageTimes) -> list[Task]:
         """SFT's self-aggregation: C samples of each task from the current policy become the
@@ -638,8 +661,7 @@ class Controller:
         to the worked solution."""
         with Timer(times, "sync"):
             self.sync_weights()
-        groups = self.generate([t.prompt for t in tasks], stage.aggregation_tails, 1.0,
-                               stage.aggregation_max_tokens, times)
+        groups = self.generate(tasks, stage.aggregation_tails, 1.0, stage.aggregation_max_tokens, times)
         return self._aggregated(tasks, groups, stage)
 
     def _aggregated(self, tasks: list[Task], groups: list[list[Completion]], stage: SftStage | RlStage) -> list[Task]:
@@ -656,7 +678,7 @@ class Controller:
         advantages = algorithms.group_advantages(rewards, cfg.advantage)
         batch = [
             Sequence(c.prompt_ids, c.token_ids, advantage=float(advantages[g, i]), old_logprobs=c.logprobs,
-                     routed_experts=c.routed_experts if cfg.router_replay else None)
+                     routed_experts=c.routed_experts if cfg.router_replay else None, loss_mask=c.loss_mask)
             for g, group in enumerate(groups) for i, c in enumerate(group)
             if cfg.overlong != "filter" or c.finished
         ]
@@ -674,6 +696,7 @@ class Controller:
             "reward": seen["correct"], "level": curriculum.level, "pass_rate": curriculum.pass_rate(),
             "kept_groups": len(groups), "sampled_groups": seen["groups"], "response_tokens": seen["tokens"],
             "aggregation_prompts": seen["aggregated"], "sources": curriculum.metrics(),
+            "turns": seen["turns"], "max_turns": seen["max_turns"], "multi_turn_samples": seen["multi_turn"],
             "staleness": seen["staleness"], "dropped_batches": self.dropped_batches, "tasks": seen["tasks"],
             **{f"verifier_{k}": v for k, v in self.verifiers.stats().items()},  # totals: deaths, timeouts
             "lr": lr, **stats,  # the learner's numbers and expert_load
@@ -691,26 +714,27 @@ class Controller:
         kept_groups: list[list[Completion]] = []
         kept_rewards: list[torch.Tensor] = []
         correct_sum, num_samples, num_tokens, num_aggregated = 0.0, 0, 0, 0
+        turns: list[int] = []
         for sampling_round in range(cfg.max_sampling_rounds):
             if sampling_round == 0:
                 sent, groups, staleness = self.next_rollouts(stage, curriculum, times)
                 tasks, num_plain = sent.tasks, sent.num_plain
             else:
                 tasks, num_plain = self.draw_tasks(stage, curriculum, stage.prompts_per_step - len(kept_groups))
-                groups = self.generate([t.prompt for t in tasks], rollout.group_size, rollout.temperature,
-                                       rollout.max_tokens, times)
+                groups = self.generate(tasks, rollout.group_size, rollout.temperature, rollout.max_tokens, times,
+                                       environment=rollout.environment)
             plain = tasks[:num_plain]
             num_aggregated += len(tasks) - num_plain
             flat = [c for group in groups for c in group]
             with Timer(times, "verify"):
-                correct = self.score_tasks([t for t in tasks for _ in range(rollout.group_size)],
-                                           [c.text for c in flat])
+                correct = self.rewards([t for t in tasks for _ in range(rollout.group_size)], flat)
             correct = torch.tensor(correct).view(len(tasks), rollout.group_size)
             # The curriculum sees plain prompts' correctness, before shaping.
             curriculum.observe(plain, correct[:len(plain)].mean(dim=1).tolist())
             self.recent_rollouts.extend(zip(plain, groups[:len(plain)]))
             correct_sum, num_samples = correct_sum + float(correct.sum()), num_samples + len(flat)
             num_tokens += sum(len(c.token_ids) for c in flat)
+            turns += [c.turns for c in flat]
             rewards = self.shape_rewards(correct, flat, stage)
             keep = (algorithms.select_groups(rewards, len(tasks)).tolist() if cfg.drop_uniform_groups
                     else list(range(len(tasks))))
@@ -721,6 +745,7 @@ class Controller:
         rewards = torch.stack(kept_rewards) if kept_rewards else torch.zeros(0, rollout.group_size)
         seen = {"correct": correct_sum / num_samples, "groups": num_samples // rollout.group_size,
                 "tokens": num_tokens / num_samples, "aggregated": num_aggregated, "staleness": staleness,
+                "turns": sum(turns) / len(turns), "max_turns": max(turns), "multi_turn": sum(t > 1 for t in turns),
                 "tasks": [t.uid for t in sent.tasks]}
         return kept_groups, rewards, seen
 
@@ -749,27 +774,29 @@ class Controller:
             self.dropped_batches += 1
         with Timer(times, "generate"):  # the wait for it: the rest overlapped the learner
             groups = self._collect(sent, stage)
-        times.generated_tokens += sum(len(c.token_ids) for group in groups for c in group)
+        times.generated_tokens += sum(c.generated_tokens for group in groups for c in group)
         return sent, groups, self.weights_version - sent.version
 
     def _send_batch(self, stage: RlStage, curriculum: AdaptiveCurriculum) -> InFlight:
         tasks, num_plain = self.resend.pop(0) if self.resend else self.draw_tasks(stage, curriculum,
                                                                                    stage.prompts_per_step)
         rollout = stage.rollout
-        refs = self._send([t.prompt for t in tasks], rollout.group_size, rollout.temperature, rollout.max_tokens)
+        refs = self._send(tasks, rollout.group_size, rollout.temperature, rollout.max_tokens,
+                          environment=rollout.environment)
         return InFlight(tasks, num_plain, self.weights_version, refs,
-                        self._generate_seconds(len(tasks), rollout.group_size, rollout.max_tokens))
+                        self._generate_seconds(len(tasks), rollout.group_size, rollout.max_tokens, rollout.environment))
 
     def _collect(self, sent: InFlight, stage: RlStage) -> list[list[Completion]]:
         """A sent batch's groups. When `_gather` throws it away (an engine failed, or Ray restarted
         it, while the batch was in flight), it is sampled again, now, with the current weights."""
         rollout = stage.rollout
-        groups = self._gather(sent.refs, len(sent.tasks), rollout.group_size, rollout.max_tokens, sent.version)
+        groups = self._gather(sent.refs, len(sent.tasks), rollout.group_size, rollout.max_tokens, sent.version,
+                              rollout.environment)
         if groups is not None:
             return groups
         sent.version = self.weights_version
-        return self._generate([t.prompt for t in sent.tasks], rollout.group_size, rollout.temperature,
-                              rollout.max_tokens, None)
+        return self._generate(sent.tasks, rollout.group_size, rollout.temperature, rollout.max_tokens, None,
+                              rollout.environment)
 
     def aggregation_tasks(self, stage: RlStage, count: int) -> list[Task]:
         """Self-aggregation (docs/methods.md, "Training for aggregation"): the same task, prompted
@@ -791,32 +818,33 @@ class Controller:
 
     # ---- shared pieces ---------------------------------------------------------------
 
-    def generate(self, prompts: list[str], n: int, temperature: float, max_tokens: int, times: StageTimes,
-                 seed: int | None = None) -> list[list[Completion]]:
+    def generate(self, tasks: list[Task], n: int, temperature: float, max_tokens: int, times: StageTimes,
+                 seed: int | None = None, environment: PythonToolConfig | None = None) -> list[list[Completion]]:
         """`_generate`, its seconds and generated tokens counted in `times`."""
         with Timer(times, "generate"):
-            groups = self._generate(prompts, n, temperature, max_tokens, seed)
-        times.generated_tokens += sum(len(c.token_ids) for group in groups for c in group)
+            groups = self._generate(tasks, n, temperature, max_tokens, seed, environment)
+        times.generated_tokens += sum(c.generated_tokens for group in groups for c in group)
         return groups
 
-    def _generate(self, prompts: list[str], n: int, temperature: float, max_tokens: int,
-                  seed: int | None) -> list[list[Completion]]:
+    def _generate(self, tasks: list[Task], n: int, temperature: float, max_tokens: int,
+                  seed: int | None, environment: PythonToolConfig | None = None) -> list[list[Completion]]:
         """`_send` and gather in order (`_gather`); a batch `_gather` throws away is generated anew."""
         while True:
-            groups = self._gather(self._send(prompts, n, temperature, max_tokens, seed), len(prompts), n, max_tokens,
-                                  self.weights_version)
+            groups = self._gather(self._send(tasks, n, temperature, max_tokens, seed, environment), len(tasks), n,
+                                  max_tokens, self.weights_version, environment)
             if groups is not None:
                 return groups
 
-    def _gather(self, refs: list[ray.ObjectRef], num_prompts: int, n: int, max_tokens: int,
-                version: int) -> list[list[Completion]] | None:
+    def _gather(self, refs: list[ray.ObjectRef], num_prompts: int, n: int, max_tokens: int, version: int,
+                environment: PythonToolConfig | None = None) -> list[list[Completion]] | None:
         """The groups of a sent batch in order, or None when the batch is thrown away: a worker
         failed while sampling it (died, unavailable, or hung: it is waited for until Ray has
         restarted it), or Ray had restarted it before (it sampled with its initial weights, a
         version below `version`, the weights the batch was sent with). Before None the current
         weights are pushed again."""
         workers = self.rollouts[:len(refs)]  # _send's chunks go to the first workers
-        answers = self._wait_rollouts(refs, workers, self._generate_seconds(num_prompts, n, max_tokens), "generate")
+        answers = self._wait_rollouts(refs, workers, self._generate_seconds(num_prompts, n, max_tokens, environment),
+                                      "generate")
         versions = None if answers is None else self._wait_rollouts(
             [w.version.remote() for w in workers], workers, self.deadlines.small, "version")
         if versions is None:  # a worker failed and was restarted: the event is recorded
@@ -832,16 +860,27 @@ class Controller:
                                "recovery_seconds": time.perf_counter() - start})
         return None
 
-    def _generate_seconds(self, num_prompts: int, n: int, max_tokens: int) -> float:
-        """The deadline of `_send`'s calls: the largest chunk's."""
-        return self.deadlines.generate(-(-num_prompts // len(self.rollouts)) * n, max_tokens)
+    def _generate_seconds(self, num_prompts: int, n: int, max_tokens: int,
+                          environment: PythonToolConfig | None = None) -> float:
+        """The deadline of `_send`'s calls: the largest chunk's. An episode may sample up to
+        `max_episode_tokens` in each of its `max_turns` engine calls (each call prefills the episode
+        so far), and run a tool program of up to `timeout_s` after each, STEP_THREADS at a time."""
+        sequences = -(-num_prompts // len(self.rollouts)) * n
+        if environment is None:
+            return self.deadlines.generate(sequences, max_tokens)
+        tool_seconds = environment.max_turns * environment.timeout_s * -(-sequences // environments.STEP_THREADS)
+        return self.deadlines.generate(sequences * environment.max_turns, environment.max_episode_tokens) + tool_seconds
 
-    def _send(self, prompts: list[str], n: int, temperature: float, max_tokens: int,
-              seed: int | None = None) -> list[ray.ObjectRef]:
-        """Fan prompts out over the rollout workers in contiguous chunks, without waiting."""
-        size = -(-len(prompts) // len(self.rollouts))
-        return [w.generate.remote(prompts[i * size:(i + 1) * size], n, temperature, max_tokens, seed)
-                for i, w in enumerate(self.rollouts) if prompts[i * size:(i + 1) * size]]
+    def _send(self, tasks: list[Task], n: int, temperature: float, max_tokens: int, seed: int | None = None,
+              environment: PythonToolConfig | None = None) -> list[ray.ObjectRef]:
+        """Fan tasks out over the rollout workers in contiguous chunks, without waiting: `n`
+        completions of each prompt, or with an `environment`, `n` episodes of each task in it
+        (which take no `seed`: Rollout.episodes)."""
+        size = -(-len(tasks) // len(self.rollouts))
+        chunks = [(w, tasks[i * size:(i + 1) * size]) for i, w in enumerate(self.rollouts) if tasks[i * size:(i + 1) * size]]
+        if environment is None:
+            return [w.generate.remote([t.prompt for t in chunk], n, temperature, max_tokens, seed) for w, chunk in chunks]
+        return [w.episodes.remote(chunk, n, temperature, max_tokens, environment) for w, chunk in chunks]
 
     def sync_weights(self) -> None:
         """The learner's weights into every engine: through the object store on the CPU; on
@@ -886,7 +925,9 @@ class Controller:
     def evaluate(self, cfg: EvalConfig) -> dict:
         """Held-out accuracy on every source's held-out problems (`cfg`'s levels and number, per
         source), sampled at its temperature and greedy: over all of them, by level and by source.
-        A gym answer counts when its generator gives full credit. {} when no source has a set."""
+        A gym answer counts when its generator gives full credit. With the recipe's
+        rollout.environment each problem is an episode in it (`cfg.max_tokens` per turn), and
+        `turns` its mean policy turns. {} when no source has a set."""
         tasks = self.eval_tasks[(tuple(cfg.levels), cfg.num_problems)]
         if not tasks:
             return {}
@@ -894,15 +935,15 @@ class Controller:
         modes = [("sampled", cfg.temperature)] + ([("greedy", 0.0)] if cfg.greedy else [])
         for mode, temperature in modes:
             times = StageTimes()
-            groups = self.generate([t.prompt for t in tasks], 1, temperature, cfg.max_tokens, times,
-                                   seed=self.recipe.seed)
-            correct = [reward == 1.0 for reward in self.score_tasks(tasks, [g[0].text for g in groups])]
+            groups = self.generate(tasks, 1, temperature, cfg.max_tokens, times, seed=self.recipe.seed,
+                                   environment=self.recipe.rollout.environment)
+            correct = [reward == 1.0 for reward in self.rewards(tasks, [g[0] for g in groups])]
             by_source = {name: _accuracy([t for t in tasks if t.source == name],
                                          [c for t, c in zip(tasks, correct) if t.source == name])
                          for name in dict.fromkeys(t.source for t in tasks)}
             tokens_per_second = times.generated_tokens / times.seconds["generate"]
             out[f"eval_{mode}"] = {**_accuracy(tasks, correct), "generated_tokens_per_second": tokens_per_second,
-                                   "by_source": by_source}
+                                   "turns": sum(g[0].turns for g in groups) / len(groups), "by_source": by_source}
         out["eval_accuracy"] = out["eval_sampled"]["accuracy"]
         out["generated_tokens_per_second"] = out["eval_sampled"]["generated_tokens_per_second"]
         return out

@@ -19,9 +19,10 @@ from zaya_rl.rsa import template_pieces
 EOS = "<|endoftext|>"
 
 
-def train_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+def train_tokenizer(corpus: Iterable[str], vocab_size: int, pieces: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
     """Byte-level BPE trained on `corpus`; digits stay single tokens so arithmetic is regular, and
-    the RSA aggregation template's fixed strings are one token each."""
+    the RSA aggregation template's fixed strings are one token each, as is each of `pieces`
+    (the tool environment's markup, for a recipe that uses it)."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Digits(individual_digits=True),
@@ -33,7 +34,7 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokeniz
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     tokenizer.train_from_iterator(corpus, trainer)
-    tokenizer.add_tokens([AddedToken(piece, normalized=False) for piece in template_pieces()])
+    tokenizer.add_tokens([AddedToken(piece, normalized=False) for piece in template_pieces() + list(pieces)])
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, pad_token=EOS)
 
 
@@ -67,9 +68,11 @@ def build_tiny_moe(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerFast, see
     return Qwen3MoeForCausalLM(config)
 
 
-def build_checkpoint(cfg: TinyModelConfig, corpus: list[str], out_dir: Path, seed: int) -> Path:
-    """Train the tokenizer, build the model and save both as one HF checkpoint directory."""
-    tokenizer = train_tokenizer(corpus, cfg.vocab_size)
+def build_checkpoint(cfg: TinyModelConfig, corpus: list[str], out_dir: Path, seed: int,
+                     pieces: tuple[str, ...] = ()) -> Path:
+    """Train the tokenizer (`pieces` as single tokens), build the model and save both as one HF
+    checkpoint directory."""
+    tokenizer = train_tokenizer(corpus, cfg.vocab_size, pieces)
     model = build_tiny_moe(cfg, tokenizer, seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)

@@ -217,13 +217,40 @@ class RsaSettings(StrictModel):
                          aggregation_temperature=self.aggregation_temperature)
 
 
+TOOL_INSTRUCTION = ("You can run Python: write a program in a ```python block, and what it prints comes back "
+                    "between <output> and </output>.\n\n")
+
+
+class PythonToolConfig(StrictModel):
+    """Multi-turn episodes with a Python tool (zaya_rl/environments.py): a policy turn that ends
+    with a ```python block has it run in the code sandbox, and what it prints is the next
+    observation; the first turn that does not call the tool is the final answer, which the task's
+    verifier scores."""
+
+    kind: Literal["python_tool"]
+    max_turns: int = Field(4, ge=1, description="policy turns per episode; the last one is the final answer "
+                           "even when it calls the tool")
+    max_episode_tokens: int = Field(256, ge=1, description="tokens after the prompt, the policy's and the tool "
+                                    "outputs together; an episode that reaches it ends with the reward it has "
+                                    "(0 before a final answer); each turn still stops at rollout.max_tokens")
+    timeout_s: float = Field(5.0, gt=0.0, le=60.0, description="wall-clock limit of one program run (its CPU "
+                             "limit too); a program past it is killed and the observation says so")
+    max_output_chars: int = Field(512, ge=1, description="the tool output shown to the policy: the last this "
+                                  "many characters of stdout followed by stderr")
+    instruction: str = Field(TOOL_INSTRUCTION, description="put before every task's prompt; '' for a model "
+                             "trained on the format (recipes/tiny_tools.yaml)")
+
+
 class RolloutConfig(StrictModel):
     """How the policy is sampled: an RL stage's groups (and its probe and filter), and RSA."""
 
     group_size: int = Field(8, ge=2, description="samples per prompt; GRPO's group")
     temperature: float = Field(1.0, gt=0.0, description="sampling temperature (the learner's log-probs use it too)")
-    max_tokens: int = Field(64, ge=1, description="max new tokens per sample")
+    max_tokens: int = Field(64, ge=1, description="max new tokens per sample (per policy turn in an environment)")
     rsa: RsaSettings = RsaSettings()
+    environment: PythonToolConfig | None = Field(
+        None, description="sample multi-turn episodes in this environment instead of single completions; the "
+        "recipe's own (top-level) one is also where every stage's evaluation runs; null: single completions")
 
     @model_validator(mode="after")
     def _check(self) -> RolloutConfig:
@@ -374,6 +401,10 @@ class SftStage(StageBase):
                               "in turn (file and code sources with fewer levels use their top one)")
     aggregation_max_tokens: int = Field(64, ge=1, description="β of the candidates sampled (at temperature "
                                         "1) for SFT aggregation prompts")
+    tool_demonstrations: bool = Field(False, description="targets are worked solutions that call the recipe's "
+                                      "rollout.environment (a ```python block computing the sum, its output, "
+                                      "then the boxed answer; chain_sum sources); the tool output is masked "
+                                      "from the loss")
 
 
 class RlStage(StageBase):
@@ -655,6 +686,12 @@ class Recipe(StrictModel):
                 by_name.setdefault(source.name, source)
         return list(by_name.values())
 
+    def uses_environment(self) -> bool:
+        """Whether episodes run in an environment: an rl stage's, or the recipe's own (evaluation,
+        tool demonstrations)."""
+        return self.rollout.environment is not None or any(
+            isinstance(s, RlStage) and s.rollout.environment is not None for s in self.stages)
+
     def unresolved_paths(self) -> list[str]:
         """Paths still naming an unset environment variable: fine to validate, not to run."""
         paths = [str(self.model.path)] if self.model.path is not None else []
@@ -700,10 +737,42 @@ class Recipe(StrictModel):
                 # The routing is captured by a Python hook in each router, which CUDA graphs replay without.
                 raise _at(f"stages.{i}.algorithm.router_replay", "algorithm.router_replay runs with CPU engines "
                           "only (resources.rollout_gpus 0)")
+        self._check_environments()
         for loc, cfg in [("eval", self.eval)] + [(f"stages.{i}.eval", s.eval) for i, s in enumerate(self.stages)]:
             if max(cfg.levels) > self.tasks.max_level:
                 raise _at(f"{loc}.levels", f"{loc}.levels has a level above tasks.max_level")
         return self
+
+    def _check_environments(self) -> None:
+        """What multi-turn episodes cannot be combined with, and what tool demonstrations need."""
+        if self.resources.rollout_engine != "vllm" and self.uses_environment():
+            raise _at("resources.rollout_engine", "episodes continue token ids in vLLM: rollout.environment "
+                      "needs resources.rollout_engine 'vllm'")
+        for i, stage in enumerate(self.stages):
+            if isinstance(stage, SftStage) and stage.tool_demonstrations:
+                if self.rollout.environment is None:
+                    raise _at("rollout.environment", f"sft stage {stage.name!r} has tool_demonstrations: they are "
+                              "episodes of the recipe's rollout.environment, which is not set")
+                if stage.aggregation_share > 0:
+                    raise _at(f"stages.{i}.sft.aggregation_share", f"stage {stage.name!r}: tool demonstrations "
+                              "have no aggregation prompts: set aggregation_share to 0")
+                for source in self.data_for(stage).sources:
+                    if not (isinstance(source, GymSource) and source.generator == "chain_sum"):
+                        raise _at(f"stages.{i}.sft.tool_demonstrations", f"stage {stage.name!r}: tool demonstrations "
+                                  f"are written for chain_sum sums; source {source.name!r} is not one")
+            if not isinstance(stage, RlStage) or stage.rollout.environment is None:
+                continue
+            if stage.algorithm.router_replay:
+                raise _at(f"stages.{i}.rl.algorithm.router_replay", f"stage {stage.name!r}: router replay of "
+                          "multi-turn episodes is not supported: turn off algorithm.router_replay or "
+                          "rollout.environment")
+            if stage.aggregation_share > 0:
+                raise _at(f"stages.{i}.rl.aggregation_share", f"stage {stage.name!r}: aggregation prompts are "
+                          "single-turn: set aggregation_share to 0 with rollout.environment")
+            if stage.algorithm.overlong == "shape":
+                raise _at(f"stages.{i}.rl.algorithm.overlong", f"stage {stage.name!r}: overlong 'shape' measures "
+                          "a sample against rollout.max_tokens, which bounds one turn of an episode, not the "
+                          "episode: use 'filter' or 'none' with rollout.environment")
 
 
 def _given(block: Any) -> Any:

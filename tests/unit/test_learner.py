@@ -139,6 +139,38 @@ def test_bad_batches_are_rejected(checkpoint, batch):
         learner.rl_step(seqs, lr=1e-3, algorithm=PPO, minibatches=3)
 
 
+def test_tokens_an_environment_wrote_count_in_neither_the_loss_nor_the_logprob_check(shared_learner, batch):
+    """A multi-turn episode's tool outputs (loss_mask 0) carry 0.0 where an engine log-prob would
+    be; the learner must leave them out of the loss and of mean_abs_logprob_diff. lr 0: the
+    weights stay as they are, so every step below sees the same policy."""
+    learner = shared_learner
+    masks = [[0 if len(s.completion_ids) // 3 <= j < 2 * len(s.completion_ids) // 3 else 1
+              for j in range(len(s.completion_ids))] for s in batch]
+    true = learner.logprobs(batch)
+
+    def episodes(masked_value: float, with_mask: bool = True) -> list[Sequence]:
+        return [Sequence(s.prompt_ids, s.completion_ids, advantage=(-1.0) ** i,
+                         old_logprobs=[lp if m else masked_value for lp, m in zip(logprobs, mask)],
+                         loss_mask=mask if with_mask else None)
+                for i, (s, logprobs, mask) in enumerate(zip(batch, true, masks))]
+
+    zeros = learner.rl_step(episodes(0.0), lr=0.0, algorithm=PPO)
+    garbage = learner.rl_step(episodes(-30.0), lr=0.0, algorithm=PPO)
+    assert zeros["mean_abs_logprob_diff"] < 1e-5 and zeros["loss"] == garbage["loss"]
+    assert zeros["mean_abs_logprob_diff"] == garbage["mean_abs_logprob_diff"]
+    assert zeros["masked_tokens"] == sum(m.count(0) for m in masks) > 0
+    unmasked = learner.rl_step(episodes(0.0, with_mask=False), lr=0.0, algorithm=PPO)
+    assert unmasked["mean_abs_logprob_diff"] > 0.1 and unmasked["masked_tokens"] == 0  # what the mask keeps out
+
+    # SFT on a demonstration: the loss is the mean NLL of the policy's tokens only.
+    sft = learner.sft_step(episodes(0.0), lr=0.0)
+    policy = [lp for logprobs, mask in zip(true, masks) for lp, m in zip(logprobs, mask) if m]
+    assert sft["loss"] == pytest.approx(-sum(policy) / len(policy), rel=1e-5)
+    assert sft["tokens"] == len(policy) and sft["masked_tokens"] == zeros["masked_tokens"]
+    with pytest.raises(ValueError, match="loss_mask has 1 values"):
+        learner.sft_step([Sequence(batch[0].prompt_ids, batch[0].completion_ids, loss_mask=[1])], lr=0.0)
+
+
 @pytest.mark.parametrize("name", LOSSES)
 def test_each_loss_moves_toward_the_advantage(shared_learner, batch, name):
     learner = shared_learner

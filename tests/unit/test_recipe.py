@@ -132,8 +132,13 @@ def test_mixture_stage_override_and_placeholder_paths(tmp_path, monkeypatch):
      "        - {kind: gym, name: sums, generator: chain_sum, levels: [{}]}", ":17: stages.1.data.sources.1", "source 'sums' is defined twice, differently"),
 ])
 def test_malformed_data_names_field_and_line(tmp_path, old, new, where, message):
-    assert MIXTURE.count(old) == 1
-    path = _write(tmp_path, MIXTURE.replace(old, new))
+    _assert_refused(tmp_path, MIXTURE, old, new, where, message)
+
+
+def _assert_refused(tmp_path, recipe: str, old: str, new: str, where: str, message: str) -> None:
+    """`recipe` with `old` (once in it) replaced by `new` is refused at `where` (':LINE: FIELD') with `message`."""
+    assert recipe.count(old) == 1
+    path = _write(tmp_path, recipe.replace(old, new))
     with pytest.raises(RecipeError) as err:
         load_recipe(path)
     assert f"{path}{where}" in str(err.value) and message in str(err.value), str(err.value)
@@ -340,3 +345,43 @@ def test_cli_set_on_show_validate_and_eval(tmp_path):
     no_recipe = subprocess.run(cli + ["eval", "--checkpoint", str(tmp_path), "--set", "seed=1"],
                                capture_output=True, text=True)
     assert no_recipe.returncode == 2 and "give --recipe" in no_recipe.stderr
+
+
+TOOLS = """name: x
+rollout:
+  environment: {kind: python_tool, max_turns: 3}
+stages:
+  - {name: warmup, kind: sft, steps: 2, lr: 0.1, tool_demonstrations: true}
+  - name: rl
+    kind: rl
+    steps: 2
+    lr: 0.1
+    algorithm: {overlong: none}
+"""
+
+
+def test_tools_recipe_merges_the_environment_into_rl_stages(tmp_path):
+    recipe = load_recipe(_write(tmp_path, TOOLS))
+    assert recipe.stages[1].rollout.environment.max_turns == 3 and recipe.uses_environment()
+    assert not load_recipe(ROOT / "recipes/tiny.yaml").uses_environment()
+    tools = load_recipe(ROOT / "recipes/tiny_tools.yaml")
+    assert tools.stages[0].tool_demonstrations and tools.stages[1].rollout.environment.instruction == ""
+
+
+@pytest.mark.parametrize(("old", "new", "where", "message"), [
+    ("name: x\n", "name: x\nresources: {rollout_engine: hf}\n", ":2: resources.rollout_engine",
+     "needs resources.rollout_engine 'vllm'"),
+    ("overlong: none", "router_replay: true", ":10: stages.1.rl.algorithm.router_replay", "router replay of multi-turn"),
+    ("overlong: none", "overlong: shape, overlong_buffer: 4", ":10: stages.1.rl.algorithm.overlong",
+     "bounds one turn of an episode"),
+    ("    lr: 0.1\n", "    lr: 0.1\n    aggregation_share: 0.5\n", ":10: stages.1.rl.aggregation_share",
+     "aggregation prompts are single-turn"),
+    ("rollout:\n  environment: {kind: python_tool, max_turns: 3}\n", "", ":1: rollout.environment",
+     "tool_demonstrations: they are episodes of the recipe's rollout.environment"),
+    ("tool_demonstrations: true", "tool_demonstrations: true, data: {sources: [{kind: code, name: he, dataset: humaneval}]}",
+     ":5: stages.0.sft.tool_demonstrations", "source 'he' is not one"),
+    ("max_turns: 3", "max_turns: 0", ":3: rollout.environment.max_turns", "greater than or equal to 1"),
+    ("max_turns: 3", "max_turns: 3, timeout_s: 600", ":3: rollout.environment.timeout_s", "less than or equal to 60"),
+])
+def test_bad_environment_combinations_name_the_field(tmp_path, old, new, where, message):
+    _assert_refused(tmp_path, TOOLS, old, new, where, message)
