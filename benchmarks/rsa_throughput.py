@@ -125,7 +125,6 @@ def main(argv: list[str] | None = None) -> dict:
     questions = [t.prompt for t in held_out("chain_sum", [1, 2], num_problems)]
     markov = RsaConfig(population=8, tails=4, rounds=rounds, budget=64, tail_tokens=8, temperature=1.0)
     full = replace(markov, tail_tokens=markov.budget)
-    samples = markov.population * (markov.rounds + 1)
 
     # Warm-up at full size: the first large call allocates KV blocks and is not throughput.
     rollout.generate(questions, markov.population, markov.temperature, markov.budget)
