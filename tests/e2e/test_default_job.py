@@ -27,14 +27,19 @@ def check_run_dir(run_dir: Path, rl_steps: int):
     assert summary["sandbox"]["namespaces"] == "host" and summary["sandbox"]["network"] == "network namespace"
     assert summary["placement"] == {"placement": "cpu", "gpus": 0, "learner_devices": ["cpu"],
                                     "weight_transfer": "object_store"}
-    for stage in summary["stages"].values():
+    for name, stage in summary["stages"].items():
         assert 0.0 <= stage["eval_accuracy"] <= 1.0
         assert stage["eval_sampled"]["n"] == 24
         # One source: its own accuracy is the whole set's.
         assert stage["eval_sampled"]["by_source"]["chain_sum"]["accuracy"] == stage["eval_accuracy"]
         assert stage["wall_seconds"] > 0 and stage["generated_tokens_per_second"] > 0
+        # Each held-out problem's answers and verdicts, for paired comparisons of two runs.
+        rows = [json.loads(line) for line in (run_dir / "held_out" / f"{name}.jsonl").read_text().splitlines()]
+        assert len(rows) == 24 and sum(r["sampled"] for r in rows) == round(24 * stage["eval_accuracy"])
+        assert sum(r["greedy"] for r in rows) == round(24 * stage["eval_greedy"]["accuracy"])
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     sft = [r for r in records if r["stage"] == "warmup" and "loss" in r]
+    assert all(r["grad_norm"] > 0 for r in sft)
     # A quarter of each SFT batch are aggregation prompts over samples drawn at the step.
     assert [r["aggregation_prompts"] for r in sft] == [2] * len(sft) and sft
     # Cosine decay over the stage's 4 steps, towards 0.1 of the peak learning rate.

@@ -100,6 +100,8 @@ def test_rl_step_on_policy_and_direction(checkpoint, config, batch):
         seq.old_logprobs = logprobs
     hot = learner.rl_step(seqs, lr=0.0, algorithm=PPO, temperature=2.0)
     assert hot["mean_abs_logprob_diff"] < 1e-5
+    # The policy's entropy over the sampled positions: within (0, log V], and higher at a higher temperature.
+    assert 0.0 < stats["entropy"] < hot["entropy"] <= math.log(config.vocab_size) + 1e-6
     with pytest.raises(ValueError, match="old_logprobs"):
         learner.rl_step(batch, lr=1e-3, algorithm=PPO)
 
