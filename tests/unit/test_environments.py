@@ -130,17 +130,21 @@ class CountingEnv:
         return Step("", 0.5, True) if self.turns == 3 else Step("<output>\n1\n</output>\n", 0.25, False)
 
 
-def test_episodes_continue_the_sampled_token_ids(tool_checkpoint):
+def test_episodes_continue_the_sampled_token_ids(tool_checkpoint, ray_local):
     from workers.rollout import VllmEngine
+    from zaya_rl.models import load_tokenizer
 
-    engine = VllmEngine(str(tool_checkpoint), seed=0, max_model_len=256, torch_threads=2)
-    tokenizer = engine.tokenizer
+    # The engine runs in an actor: vLLM in this process would tear down torch.distributed's
+    # process group, which the in-process DeepSpeed learners of later tests had set up.
+    engine = ray_local.remote(num_cpus=0)(VllmEngine).remote(str(tool_checkpoint), seed=0, max_model_len=256,
+                                                             torch_threads=2)
+    tokenizer = load_tokenizer(tool_checkpoint)
     assert all(len(tokenizer(piece, add_special_tokens=False)["input_ids"]) == 1 for piece in TOOL_PIECES)
     engine_prompts: list[list[list[int]]] = []
 
     def generate(prompts, limits, temperature, stop):
         engine_prompts.append([list(p) for p in prompts])
-        return engine.continue_ids(prompts, limits, temperature, stop)
+        return ray_local.get(engine.continue_ids.remote(prompts, limits, temperature, stop))
 
     tasks = TaskStream("chain_sum", 0).take(1, 6)
     envs = [CountingEnv() for _ in tasks]
@@ -169,6 +173,7 @@ def test_episodes_continue_the_sampled_token_ids(tool_checkpoint):
     # The random model's samples do not come back from their own text as the same ids: continuing
     # by text would have fed the engine other tokens than the ones sampled.
     assert retokenized > 0
+    ray_local.kill(engine)
 
 
 def _runs(mask: list[int], value: int) -> list[tuple[int, int]]:
