@@ -3,11 +3,12 @@ one warmup checkpoint at staleness bounds 0 (the synchronous loop), 1 and 2
 (`algorithm.max_off_policy_steps`), bounded by steps, side by side: RL steps per second of the
 stage's loop (evaluation left out) and the training reward per step.
 
-    python -m benchmarks.async_rl [--recipe recipes/tiny.yaml] [--steps 40] [--out benchmarks/results]
+    python -m benchmarks.async_rl [--recipe recipes/tiny.yaml] [--steps 40] [--out benchmarks/results] [--quick]
 
 The warmup runs once (`zaya-rl run --stage warmup`-style: the recipe's first stage); each bound
 then runs the RL stage from its checkpoint (`--stage rl --from`). Writes async_rl.json and
-plots/async_rl.png (reward per step, and the reward's running mean over 10 steps). Through
+plots/async_rl.png (reward per step, and the reward's running mean over 10 steps). `--quick`
+(the suite's): a 60-second warmup, 12 RL steps and 200 held-out problems per source. Through
 `zaya-rl run`, so on a GPU recipe with split placement it measures the GPU loop.
 """
 
@@ -36,12 +37,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--recipe", type=Path, default=Path("recipes/tiny.yaml"))
     parser.add_argument("--steps", type=int, default=40, help="RL steps of each run")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--quick", action="store_true", help="a 60 s warmup, 12 RL steps, 200 held-out problems")
     args = parser.parse_args(argv)
+    quick = ["--set", "eval.num_problems=200"] if args.quick else []
+    if args.quick:
+        args.steps = 12
     recipe = load_recipe(args.recipe)
     warmup = next(s for s in recipe.stages if isinstance(s, SftStage))
     rl = next(s for s in recipe.stages if isinstance(s, RlStage))
     runs = args.out / "runs" / "async_rl"
-    first = run(args.recipe, runs / "warmup", "--set", f"stages={json.dumps([warmup.model_dump(mode='json')])}")
+    warmup_stage = warmup.model_dump(mode="json") | ({"max_seconds": 60} if args.quick else {})
+    first = run(args.recipe, runs / "warmup", "--set", f"stages={json.dumps([warmup_stage])}", *quick)
     start = first["stages"][warmup.name]["checkpoint"]
 
     rows, rewards = {}, {}
@@ -49,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
         run_dir = runs / f"bound{bound}"
         summary = run(args.recipe, run_dir, "--stage", rl.name, "--from", start,
                       "--set", f"stages.{rl.name}.steps={args.steps}", "--set", f"stages.{rl.name}.max_seconds=null",
-                      "--set", f"algorithm.max_off_policy_steps={bound}")
+                      "--set", f"algorithm.max_off_policy_steps={bound}", *quick)
         stage = summary["stages"][rl.name]
         steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         steps = [r for r in steps if r["stage"] == rl.name and "reward" in r]
@@ -62,7 +68,8 @@ def main(argv: list[str] | None = None) -> dict:
                        "eval_sampled": stage["eval_sampled"]["accuracy"], "eval_greedy": stage["eval_greedy"]["accuracy"]}
     for row in rows.values():
         row["speedup_over_bound_0"] = row["steps_per_second"] / rows[0]["steps_per_second"]
-    result = {"machine": machine(), "recipe": str(args.recipe), "rl_steps": args.steps, "rows": rows}
+    result = {"machine": machine(), "recipe": str(args.recipe), "quick": args.quick, "rl_steps": args.steps,
+              "rows": rows}
     write_json(args.out / "async_rl.json", result)
     curves_plot(args.out / "plots" / "async_rl.png", f"{recipe.name}: RL from one warmup at staleness bounds 0-2",
                 rewards, {f"bound {b}": [(args.steps, rows[b]["eval_sampled"])] for b in BOUNDS})

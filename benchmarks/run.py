@@ -10,7 +10,8 @@ failure is retried once and does not stop the others), in order:
 2. rollout_throughput: a RolloutWorker against the bare vLLM engine;
 3. weight_sync: seconds per sync against model size, beside a plain copy;
 4. verifiers: math and code verifications per second;
-5. rsa_throughput: Markovian against full RSA, per round.
+5. rsa_throughput: Markovian against full RSA, per round;
+6. async_rl: RL steps/s and reward per step at staleness bounds 0, 1 and 2.
 
 Each writes its JSON into --out; then this prints the headline table, writes it as Markdown
 (headline.md) with suite.json (the machine, its load before and after each benchmark, and the
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from benchmarks.report import bar_chart, curves_plot, machine, markdown_table, text_table, write_json
 
-BENCHMARKS = ["vs_trl", "rollout_throughput", "weight_sync", "verifiers", "rsa_throughput"]
+BENCHMARKS = ["vs_trl", "rollout_throughput", "weight_sync", "verifiers", "rsa_throughput", "async_rl"]
 
 
 def run_all(names: list[str], quick: bool, out: Path) -> dict:
@@ -85,6 +86,10 @@ def headline_rows(results: dict[str, dict]) -> list[list]:
                      last_f["longest_prompt_tokens"], last_m["longest_prompt_tokens"] / last_f["longest_prompt_tokens"], "flat"])
         rows.append([f"RSA seconds of round {t}, Markovian vs full", last_m["seconds"], last_f["seconds"],
                      last_m["seconds"] / last_f["seconds"], "< 1"])
+    if r := results.get("async_rl"):
+        sync, one = r["rows"]["0"], r["rows"]["1"]
+        rows.append([f"RL steps/s, staleness bound 1 vs 0 ({r['rl_steps']} steps)", one["steps_per_second"],
+                     sync["steps_per_second"], one["speedup_over_bound_0"], ">= 1.3 on GPU"])
     return rows
 
 

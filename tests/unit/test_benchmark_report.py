@@ -37,7 +37,11 @@ def test_headline_rows_ratios():
                                     "eval": {"sampled": {"accuracy": 0.25}, "greedy": {"accuracy": 0.0}}}}},
         "rollout_throughput": {"ratio": 0.95, "rows": {"RolloutWorker": {"tokens_per_second": 95.0},
                                                        "bare vLLM": {"tokens_per_second": 100.0}}},
+        # As read back from JSON: the bounds are string keys.
+        "async_rl": {"rl_steps": 12, "rows": {"0": {"steps_per_second": 0.5},
+                                              "1": {"steps_per_second": 0.6, "speedup_over_bound_0": 1.2}}},
     }
     rows = headline_rows(results)
-    assert [row[3] for row in rows] == [4.0, 2.0, "-", 0.95]
+    assert [row[3] for row in rows] == [4.0, 2.0, "-", 0.95, 1.2]
+    assert rows[-1][:3] == ["RL steps/s, staleness bound 1 vs 0 (12 steps)", 0.6, 0.5]
     assert rows[0][0] == "RL samples/s vs TRL GRPOTrainer (3 steps of 16x8)"
