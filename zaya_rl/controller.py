@@ -494,9 +494,14 @@ class Controller:
             # steps: 100000 ends by the clock, and its bar and time left must say so.
             bar = progress.add_task(f"{stage.kind} {stage.name}", total=1.0,
                                     completed=stage_progress(pos.step, steps, pos.stage_seconds, stage.max_seconds))
+            stopped_by = "steps"
             while pos.step < steps:
                 elapsed = time.perf_counter() - start
                 if stage.max_seconds and elapsed > stage.max_seconds:
+                    # A step-bounded stage cut short is another experiment: say so, loudly.
+                    stopped_by = "max_seconds"
+                    print(f"zaya-rl: stage {stage.name} reached its max_seconds ({stage.max_seconds:.0f} s) after "
+                          f"{pos.step} of {steps} steps")
                     break
                 tokens, phases = times.generated_tokens, dict(times.seconds)
                 lr = lr_at(stage, pos.step, stage_progress(pos.step, steps, elapsed, stage.max_seconds))
@@ -521,7 +526,8 @@ class Controller:
                     self.curriculum_state = curriculum.state()
                     self.save_checkpoint()
         wall = time.perf_counter() - start
-        result = {"kind": stage.kind, "steps": pos.step, "train_seconds": wall, "phase_seconds": times.seconds}
+        result = {"kind": stage.kind, "steps": pos.step, "stopped_by": stopped_by, "train_seconds": wall,
+                  "phase_seconds": times.seconds}
         if times.generated_tokens:
             result["train_generated_tokens_per_second"] = times.generated_tokens / times.seconds["generate"]
         if isinstance(stage, RlStage):

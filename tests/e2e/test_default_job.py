@@ -33,6 +33,7 @@ def check_run_dir(run_dir: Path, rl_steps: int):
         # One source: its own accuracy is the whole set's.
         assert stage["eval_sampled"]["by_source"]["chain_sum"]["accuracy"] == stage["eval_accuracy"]
         assert stage["wall_seconds"] > 0 and stage["generated_tokens_per_second"] > 0
+        assert stage["stopped_by"] == "steps"
         # Each held-out problem's answers and verdicts, for paired comparisons of two runs.
         rows = [json.loads(line) for line in (run_dir / "held_out" / f"{name}.jsonl").read_text().splitlines()]
         assert len(rows) == 24 and sum(r["sampled"] for r in rows) == round(24 * stage["eval_accuracy"])
