@@ -28,6 +28,25 @@ def tiny_checkpoint(tmp_path_factory):
     return _build_tiny(tmp_path_factory, "tiny")
 
 
+@pytest.fixture(scope="module")
+def checkpoint(tiny_checkpoint) -> str:
+    return str(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def batch(checkpoint):
+    """Eight level-1 chain sums with their worked solutions, advantages +1 and -1 in turn (one
+    list per test module: tests may set their log-probs)."""
+    from workers.learner import Sequence
+    from zaya_rl.models import load_tokenizer
+    from zaya_rl.tasks import TaskStream
+
+    tok = load_tokenizer(checkpoint)
+    return [Sequence(tok(t.prompt)["input_ids"], tok(t.solution)["input_ids"] + [tok.eos_token_id],
+                     advantage=1.0 if i % 2 == 0 else -1.0)
+            for i, t in enumerate(TaskStream("chain_sum", 1).take(1, 8))]
+
+
 @pytest.fixture(scope="session")
 def tool_checkpoint(tmp_path_factory):
     """The same, its tokenizer holding the Python tool's markup as single tokens."""

@@ -17,11 +17,6 @@ pytestmark = pytest.mark.ray
 ZERO2 = DeepSpeedConfig(zero_stage=2)
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tiny_checkpoint):  # conftest: hidden 64, 2 layers, 4 experts top-2
-    return str(tiny_checkpoint)
-
-
 def sft_once(checkpoint, batch, num_workers) -> tuple[dict, dict[str, torch.Tensor]]:
     group = LearnerGroup(num_workers, checkpoint, ZERO2)
     try:

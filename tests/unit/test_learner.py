@@ -24,11 +24,6 @@ LOSSES = {  # each loss with the settings it needs
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_checkpoint):  # conftest: hidden 64, 2 layers, 4 experts top-2
-    return str(tiny_checkpoint)
-
-
-@pytest.fixture(scope="module")
 def config(checkpoint):
     return load_model(checkpoint).config
 

@@ -7,24 +7,10 @@ import torch
 
 from workers.learner import Learner, Sequence, collate, completion_logprobs, enable_activation_checkpointing, free_port
 from zaya_rl.algorithms import sft_loss
-from zaya_rl.models import load_model, load_tokenizer
+from zaya_rl.models import load_model
 from zaya_rl.recipe import AlgorithmConfig, DeepSpeedConfig
-from zaya_rl.tasks import TaskStream
 
 PPO = AlgorithmConfig(loss="ppo_clip", clip_low=0.2, clip_high=0.28)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tiny_checkpoint):  # conftest: hidden 64, 2 layers, 4 experts top-2
-    return str(tiny_checkpoint)
-
-
-@pytest.fixture(scope="module")
-def batch(checkpoint) -> list[Sequence]:
-    tok = load_tokenizer(checkpoint)
-    return [Sequence(tok(t.prompt)["input_ids"], tok(t.solution)["input_ids"] + [tok.eos_token_id],
-                     advantage=1.0 if i % 2 == 0 else -1.0)
-            for i, t in enumerate(TaskStream("chain_sum", 1).take(1, 8))]
 
 
 def make_learner(checkpoint, **settings) -> Learner:

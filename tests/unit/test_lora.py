@@ -15,24 +15,10 @@ from zaya_rl.lora import ADAPTER_WEIGHTS, find_targets, is_adapter_weight
 from zaya_rl.checkpoint import ADAPTER_CONFIG, base_model_path
 from zaya_rl.models import load_model, load_tokenizer
 from zaya_rl.recipe import AlgorithmConfig, DeepSpeedConfig, LoraSettings, RecipeError, load_recipe
-from zaya_rl.tasks import TaskStream
 
 MINI = Path(__file__).resolve().parents[1] / "e2e/mini.yaml"
 LORA = LoraSettings(rank=4, alpha=8.0)  # scale alpha / rank = 2
 SCALE = 2.0
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tiny_checkpoint):  # conftest: hidden 64, 2 layers, 4 experts top-2
-    return str(tiny_checkpoint)
-
-
-@pytest.fixture(scope="module")
-def batch(checkpoint) -> list[Sequence]:
-    tok = load_tokenizer(checkpoint)
-    return [Sequence(tok(t.prompt)["input_ids"], tok(t.solution)["input_ids"] + [tok.eos_token_id],
-                     advantage=1.0 if i % 2 == 0 else -1.0)
-            for i, t in enumerate(TaskStream("chain_sum", 1).take(1, 8))]
 
 
 def make_learner(checkpoint, zero_stage=2, seed=0) -> Learner:
