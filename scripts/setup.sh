@@ -13,7 +13,15 @@ on_gpu=false
 command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && on_gpu=true
 if [ ! -x "$PY" ]; then
     # On a GPU machine the venv sees the system's packages: a CUDA image's torch 2.11 is reused.
-    if $on_gpu; then python3 -m venv --system-site-packages "$VENV"; else python3 -m venv "$VENV"; fi
+    if $on_gpu; then
+        python3 -m venv --system-site-packages "$VENV"
+        # A venv made by a Python that is itself in a venv (as images ship torch) sees the base
+        # interpreter's packages, not that venv's: a .pth file adds them, after the new venv's own.
+        python3 -c 'import site; print("\n".join(site.getsitepackages()))' \
+            >"$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/zaya_rl_image_packages.pth"
+    else
+        python3 -m venv "$VENV"
+    fi
 fi
 
 stamp="$VENV/.zaya-rl-installed"

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Checks a GPU machine end to end and measures it: installs (offline when ZAYA_WHEELHOUSE names a
+# scripts/wheelhouse.sh bundle), runs `pytest -m gpu`, the one-GPU default recipe and the GPU
+# benchmarks, each step under a time limit and each logged on its own, going on past a failed step.
+#   usage: bash scripts/gpu_suite.sh [STEP ...]   (default: setup tests recipe rollout sync)
+# Logs, a `status` line per step and the recipe's run go to ZAYA_SUITE_DIR (default runs/gpu_suite);
+# the benchmarks write their JSON under ZAYA_RESULTS/gpu/ (default benchmarks/results/gpu/).
+# Exits non-zero when any step failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+dir=${ZAYA_SUITE_DIR:-runs/gpu_suite}
+mkdir -p "$dir"
+results=${ZAYA_RESULTS:-benchmarks/results}
+py=.venv/bin/python
+export PYTHONUNBUFFERED=1
+
+step() {  # step NAME SECONDS COMMAND...: run COMMAND with a time limit, log it, record how it ended
+    local name=$1 limit=$2 start rc
+    shift 2
+    start=$(date +%s)
+    echo "== $name: $* (limit ${limit} s)"
+    timeout --signal=TERM --kill-after=30 "$limit" "$@" >"$dir/$name.log" 2>&1
+    rc=$?
+    echo "$name rc=$rc seconds=$(( $(date +%s) - start ))" | tee -a "$dir/status"
+    tail -n 25 "$dir/$name.log"
+    return $rc
+}
+
+failed=0
+steps=("$@")
+[ $# -gt 0 ] || steps=(setup tests recipe rollout sync)
+for name in "${steps[@]}"; do
+    case $name in
+        setup) step setup 900 bash scripts/setup.sh && step versions 60 bash -c \
+            "nvidia-smi; $py -c 'import torch, vllm, ray, deepspeed, transformers; print(torch.__version__, vllm.__version__, ray.__version__, deepspeed.__version__, transformers.__version__, torch.cuda.get_device_name())'" ;;
+        tests) step tests 1500 "$py" -m pytest -m gpu tests/gpu -v -p no:cacheprovider --timeout 1200 ;;
+        recipe) step recipe 1500 .venv/bin/zaya-rl run recipes/gpu.yaml --run-dir "$dir/run" \
+            && step recipe_phases 300 "$py" -m benchmarks.gpu_recipe --run-dir "$dir/run" --out "$results" ;;
+        rollout) step rollout 900 "$py" -m benchmarks.rollout_throughput --gpu --out "$results" ;;
+        sync) step sync 900 "$py" -m benchmarks.weight_sync --gpu --out "$results" ;;
+        *) echo "gpu_suite: unknown step '$name' (setup tests recipe rollout sync)" >&2; exit 2 ;;
+    esac || failed=1
+done
+echo "== done: $(tr '\n' ' ' <"$dir/status")"
+exit $failed
