@@ -1,7 +1,8 @@
 """Does asynchronous RL buy speed without costing learning? The default recipe's RL stage from
 one warmup checkpoint at staleness bounds 0 (the synchronous loop), 1 and 2
-(`algorithm.max_off_policy_steps`), bounded by steps, side by side: RL steps per second of the
-stage's loop (evaluation left out) and the training reward per step.
+(`algorithm.max_off_policy_steps`), and at 1 and 2 with partial rollouts (new weights between
+decode steps of the generations in flight), bounded by steps, side by side: RL steps per second
+of the stage's loop (evaluation left out) and the training reward per step.
 
     python -m benchmarks.async_rl [--recipe recipes/tiny.yaml] [--steps 40] [--out benchmarks/results] [--quick]
 
@@ -23,7 +24,10 @@ from pathlib import Path
 from benchmarks.report import curves_plot, machine, text_table, write_json
 from zaya_rl.recipe import RlStage, SftStage, load_recipe
 
-BOUNDS = (0, 1, 2)
+# Row name -> the RL stage's algorithm settings.
+VARIANTS = {"0": {"max_off_policy_steps": 0}, "1": {"max_off_policy_steps": 1}, "2": {"max_off_policy_steps": 2},
+            "1 partial": {"max_off_policy_steps": 1, "partial_rollouts": True},
+            "2 partial": {"max_off_policy_steps": 2, "partial_rollouts": True}}
 
 
 def run(recipe: Path, run_dir: Path, *extra: str) -> dict:
@@ -51,33 +55,36 @@ def main(argv: list[str] | None = None) -> dict:
     start = first["stages"][warmup.name]["checkpoint"]
 
     rows, rewards = {}, {}
-    for bound in BOUNDS:
-        run_dir = runs / f"bound{bound}"
+    for name, algorithm in VARIANTS.items():
+        run_dir = runs / f"bound{name.replace(' ', '_')}"
+        settings = [arg for key, value in algorithm.items() for arg in ("--set", f"algorithm.{key}={json.dumps(value)}")]
         summary = run(args.recipe, run_dir, "--stage", rl.name, "--from", start,
                       "--set", f"stages.{rl.name}.steps={args.steps}", "--set", f"stages.{rl.name}.max_seconds=null",
-                      "--set", f"algorithm.max_off_policy_steps={bound}", *quick)
+                      *settings, *quick)
         stage = summary["stages"][rl.name]
         steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         steps = [r for r in steps if r["stage"] == rl.name and "reward" in r]
-        rewards[f"bound {bound}"] = [r["reward"] for r in steps]
-        rows[bound] = {"steps": stage["steps"], "loop_seconds": stage["train_seconds"],
+        rewards[f"bound {name}"] = [r["reward"] for r in steps]
+        rows[name] = {"steps": stage["steps"], "loop_seconds": stage["train_seconds"],
                        "steps_per_second": stage["steps"] / stage["train_seconds"],
                        "phase_seconds": stage["phase_seconds"], "staleness_histogram": stage["staleness_histogram"],
-                       "dropped_batches": stage["dropped_batches"], "mean_reward": sum(rewards[f"bound {bound}"]) / len(steps),
-                       "mean_reward_last_half": sum(rewards[f"bound {bound}"][len(steps) // 2:]) / (len(steps) - len(steps) // 2),
-                       "eval_sampled": stage["eval_sampled"]["accuracy"], "eval_greedy": stage["eval_greedy"]["accuracy"]}
+                       "dropped_batches": stage["dropped_batches"], "mean_reward": sum(rewards[f"bound {name}"]) / len(steps),
+                       "mean_reward_last_half": sum(rewards[f"bound {name}"][len(steps) // 2:]) / (len(steps) - len(steps) // 2),
+                       "eval_sampled": stage["eval_sampled"]["accuracy"], "eval_greedy": stage["eval_greedy"]["accuracy"],
+                       "partial_samples": sum(r["partial_samples"] for r in steps)}
     for row in rows.values():
-        row["speedup_over_bound_0"] = row["steps_per_second"] / rows[0]["steps_per_second"]
+        row["speedup_over_bound_0"] = row["steps_per_second"] / rows["0"]["steps_per_second"]
     result = {"machine": machine(), "recipe": str(args.recipe), "quick": args.quick, "rl_steps": args.steps,
               "rows": rows}
     write_json(args.out / "async_rl.json", result)
     curves_plot(args.out / "plots" / "async_rl.png", f"{recipe.name}: RL from one warmup at staleness bounds 0-2",
-                rewards, {f"bound {b}": [(args.steps, rows[b]["eval_sampled"])] for b in BOUNDS})
+                rewards, {f"bound {b}": [(args.steps, rows[b]["eval_sampled"])] for b in VARIANTS})
     print(text_table(f"\n{recipe.name}: {args.steps} RL steps from one warmup, by staleness bound",
                      ["bound", "steps/s", "speed-up", "mean reward", "reward, last half", "held-out sampled",
-                      "staleness"],
+                      "staleness", "samples spanning an update"],
                      [[b, r["steps_per_second"], r["speedup_over_bound_0"], r["mean_reward"], r["mean_reward_last_half"],
-                       r["eval_sampled"], json.dumps(r["staleness_histogram"])] for b, r in rows.items()]))
+                       r["eval_sampled"], json.dumps(r["staleness_histogram"]), r["partial_samples"]]
+                      for b, r in rows.items()]))
     return result
 
 

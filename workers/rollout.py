@@ -9,7 +9,9 @@ drive; `RolloutWorker` is its Ray actor shell.
 
 from __future__ import annotations
 
+import itertools
 import os
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +43,9 @@ class Completion:
     loss_mask: list[int] | None = None
     turns: int = 1
     reward: float | None = None
+    # The weights versions the engine held when the request entered it and when its last token
+    # was sampled: they differ when new weights arrived mid-generation (partial rollouts).
+    weight_versions: tuple[int, int] = (0, 0)
 
     @property
     def generated_tokens(self) -> int:
@@ -118,6 +123,15 @@ class VllmEngine:
         self.max_model_len = max_model_len
         self.tokenizer = self.llm.get_tokenizer()
         self.asleep = False
+        self.version = 0  # of the weights the engine holds
+        # Engine steps and weight updates take turns: a generation in flight (`_run`) takes new
+        # weights between two of its steps, and no step runs while an update is half done.
+        self.turn = threading.Condition()
+        self.updating = False
+        self.prefix_cache_stale = False  # weights changed while requests held cached blocks
+        self.request_ids = itertools.count()
+        self.started: dict[str, int] = {}  # request -> weights version when it entered the engine
+        self.finished: dict[str, tuple] = {}  # request -> (its RequestOutput, (first, last) versions)
         self.return_routed_experts = return_routed_experts
         if return_routed_experts:
             self.llm.collective_rpc(_RoutingCapture.install)
@@ -134,7 +148,7 @@ class VllmEngine:
         # it, drop a sample's unfinished last UTF-8 character (decoded as U+FFFD).
         params = SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, logprobs=0,
                                 seed=seed, detokenize=False)
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        outputs, spans = zip(*self._run(prompts, [params] * len(prompts))) if prompts else ((), ())
         routing = _by_request(self.llm.collective_rpc(_RoutingCapture.take)[0]) if self.return_routed_experts else {}
         texts = iter(self.tokenizer.batch_decode([c.token_ids for out in outputs for c in out.outputs],
                                                  skip_special_tokens=True))
@@ -145,10 +159,11 @@ class VllmEngine:
                     logprobs=[step[tok].logprob for tok, step in zip(c.token_ids, c.logprobs)],
                     text=next(texts).rstrip("\ufffd"), finished=c.finish_reason == "stop",
                     routed_experts=(_routing_of(routing, out, c, n) if self.return_routed_experts else None),
+                    weight_versions=span,
                 )
                 for c in out.outputs
             ]
-            for out in outputs
+            for out, span in zip(outputs, spans)
         ]
 
     def continue_ids(self, prompts: list[list[int]], max_tokens: list[int], temperature: float,
@@ -167,27 +182,77 @@ class VllmEngine:
         # Stop strings are matched on the detokenized text, so these requests detokenize.
         params = [SamplingParams(n=1, temperature=temperature, max_tokens=limit, logprobs=0, stop=list(stop))
                   for limit in max_tokens]
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts], params, use_tqdm=False)
+        outputs = [out for out, _ in self._run([TokensPrompt(prompt_token_ids=ids) for ids in prompts], params)]
         return [Turn(token_ids=list(c.token_ids), logprobs=[step[tok].logprob for tok, step in zip(c.token_ids, c.logprobs)],
                      eos=c.finish_reason == "stop" and c.stop_reason is None)
                 for c in (out.outputs[0] for out in outputs)]
 
-    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Weights from host memory (the object store): reloaded in place by each vLLM worker."""
-        if self.asleep:
-            self.llm.wake_up()
-            self.asleep = False
-        self.llm.collective_rpc(_reload_weights, args=(state_dict,))
-        self.llm.reset_prefix_cache()
+    def _run(self, prompts: list, params: list) -> list[tuple]:
+        """vLLM's generation loop (what `LLM.generate` runs), one engine step at a time in turn
+        with weight updates, so that a generation in flight takes new weights between two decode
+        steps (partial rollouts: RolloutWorker runs `load_weights` beside `generate`), and calls
+        made at once share the engine's batches. Each request's final output and the weights
+        versions of its entry and of its last step, in the prompts' order."""
+        from vllm.sampling_params import RequestOutputKind
+
+        engine = self.llm.llm_engine
+        with self.turn:
+            self.turn.wait_for(lambda: not self.updating)
+            if self.prefix_cache_stale:
+                self.prefix_cache_stale = not self.llm.reset_prefix_cache()
+            ids = [str(next(self.request_ids)) for _ in prompts]
+            for request_id, prompt, request_params in zip(ids, prompts, params):
+                request_params.output_kind = RequestOutputKind.FINAL_ONLY
+                engine.add_request(request_id, prompt, request_params)
+                self.started[request_id] = self.version
+        while True:
+            with self.turn:
+                self.turn.wait_for(lambda: not self.updating)
+                if all(request_id in self.finished for request_id in ids):
+                    return [self.finished.pop(request_id) for request_id in ids]
+                if not engine.has_unfinished_requests():
+                    raise RuntimeError("the vLLM engine finished without answering every request")
+                for out in engine.step():
+                    if out.finished:
+                        self.finished[out.request_id] = (out, (self.started.pop(out.request_id), self.version))
+                self.turn.notify_all()  # an update may be waiting for the engine to empty
+
+    def _await_turn(self, between_steps: bool) -> None:
+        """Under `turn`: until no update is under way and, unless `between_steps`, no request is in
+        the engine (the update then applies to whole generations, as on a serial actor)."""
+        self.turn.wait_for(lambda: not self.updating and (between_steps or not self.started))
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int, between_steps: bool = False) -> None:
+        """Weights from host memory (the object store): reloaded in place by each vLLM worker,
+        once the generations in flight end, or with `between_steps` between two of their steps."""
+        with self.turn:
+            self._await_turn(between_steps)
+            if self.asleep:
+                self.llm.wake_up()
+                self.asleep = False
+            self.llm.collective_rpc(_reload_weights, args=(state_dict,))
+            self._new_weights(version)
+
+    def _new_weights(self, version: int) -> None:
+        """After an update: requests in flight keep their cache blocks (made with the old weights);
+        the prefix cache is emptied once no request holds one."""
+        self.version = version
+        self.prefix_cache_stale = not self.llm.reset_prefix_cache()
 
     def sleep(self) -> None:
         """Free the weights and the KV cache (level 2: nothing is kept, the next update brings
         every weight) so that a colocated learner has the card while it trains."""
-        if not self.asleep:
-            self.llm.sleep(level=2)
-            self.asleep = True
+        with self.turn:
+            if not self.asleep:
+                self.llm.sleep(level=2)
+                self.asleep = True
 
-    def start_weight_update(self) -> None:
+    def start_weight_update(self, between_steps: bool = False) -> None:
+        """Engine steps wait from here to `finish_weight_update`: it starts once the generations in
+        flight end, or with `between_steps` after the step in progress."""
+        with self.turn:
+            self._await_turn(between_steps)
+            self.updating = True
         if self.asleep:
             self.llm.wake_up(tags=["weights"])
         self.llm.start_weight_update()
@@ -196,12 +261,15 @@ class VllmEngine:
         """One chunk of weights: CUDA IPC handles to open, or the shapes of a NCCL broadcast to receive."""
         self.llm.update_weights(request)
 
-    def finish_weight_update(self) -> None:
+    def finish_weight_update(self, version: int) -> None:
         self.llm.finish_weight_update()
         if self.asleep:
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep = False
-        self.llm.reset_prefix_cache()
+        with self.turn:
+            self._new_weights(version)
+            self.updating = False
+            self.turn.notify_all()
 
     def init_weight_broadcast(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> None:
         """Join learner rank 0's NCCL group: this engine's workers become ranks rank_offset.. of it."""
@@ -312,6 +380,7 @@ class HfEngine:
         self.tokenizer.padding_side = "left"
         self.generator = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
+        self.version = 0  # of the weights the model holds
 
     @torch.no_grad()
     def generate(self, prompts: list[str], n: int, temperature: float, max_tokens: int,
@@ -348,8 +417,10 @@ class HfEngine:
             results.append(group)
         return results
 
-    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int, between_steps: bool = False) -> None:
+        """`between_steps` changes nothing: a serial actor runs no generation beside it."""
         self.model.load_state_dict(state_dict, strict=True)
+        self.version = version
 
 
 class Rollout:
@@ -367,7 +438,6 @@ class Rollout:
         else:
             self.engine = VllmEngine(model_path, seed, max_model_len, torch_threads, return_routed_experts,
                                      dtype, gpu)
-        self.weights_version = 0
         self.scorer: AnswerScorer | None = None  # episodes' final answers
 
     def generate(self, prompts: list[str], n: int, temperature: float, max_tokens: int,
@@ -397,14 +467,16 @@ class Rollout:
                                   turns=len(e.actions), reward=e.reward) for e in episodes]
         return [completions[i * n:(i + 1) * n] for i in range(len(tasks))]
 
-    def load_weights(self, state_dict: dict[str, torch.Tensor | np.ndarray], version: int) -> int:
-        self.engine.load_weights(weights_as_tensors(state_dict))
-        self.weights_version = version
+    def load_weights(self, state_dict: dict[str, torch.Tensor | np.ndarray], version: int,
+                     between_steps: bool = False) -> int:
+        """New weights; with `between_steps` (partial rollouts, vLLM) they go in between two decode
+        steps of the generations in flight instead of after them."""
+        self.engine.load_weights(weights_as_tensors(state_dict), version, between_steps)
         return version
 
     def version(self) -> int:
         """The weights version last loaded; 0 after a (re)start, which loads the initial model."""
-        return self.weights_version
+        return self.engine.version
 
     # GPU engines: vLLM's sleep mode and weight transfer (CUDA IPC or NCCL) -------------------
 
@@ -415,15 +487,14 @@ class Rollout:
     def sleep(self) -> None:
         self.engine.sleep()
 
-    def start_weight_update(self) -> None:
-        self.engine.start_weight_update()
+    def start_weight_update(self, between_steps: bool = False) -> None:
+        self.engine.start_weight_update(between_steps)
 
     def update_weights(self, request: dict) -> None:
         self.engine.update_weights(request)
 
     def finish_weight_update(self, version: int) -> int:
-        self.engine.finish_weight_update()
-        self.weights_version = version
+        self.engine.finish_weight_update(version)
         return version
 
     def init_weight_broadcast(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> None:

@@ -164,6 +164,7 @@ class Controller:
         # Asynchronous RL: batches sent to the engines ahead of the learner; a resumed run sends
         # the ones its checkpoint had in flight first.
         self.in_flight: deque[InFlight] = deque()
+        self.between_steps = False  # the stage's partial rollouts: weights go in mid-generation
         self.resend: list[tuple[list[Task], int]] = []
         self.dropped_batches = 0
         self.rng = random.Random(recipe.seed)
@@ -228,6 +229,11 @@ class Controller:
         # Ray sets OMP_NUM_THREADS=1 in its workers; vLLM sizes its CPU thread pool from it.
         threads = {"env_vars": {"OMP_NUM_THREADS": str(res.torch_threads)}}
         replay = any(isinstance(s, RlStage) and s.algorithm.router_replay for s in self.recipe.stages)
+        # Partial rollouts: weights go in beside the generations in flight, and batches sent ahead
+        # share the engine's steps, so the actor takes calls in threads (the engine keeps them in turn).
+        bounds = [s.algorithm.max_off_policy_steps for s in self.recipe.stages
+                  if isinstance(s, RlStage) and s.algorithm.partial_rollouts]
+        concurrency = {"max_concurrency": 2 + max(bounds)} if bounds else {}
         gpu = None if not res.on_gpu else GpuOptions(
             memory_utilization=res.gpu_memory_utilization, tensor_parallel_size=res.tensor_parallel_size,
             sleep_mode=res.placement == "colocated", learner_devices=tuple(self.learners.devices),
@@ -236,7 +242,7 @@ class Controller:
             options = placement.actor_options(self.layout.engines[index], self.placement_group)
         else:
             options = placement.cpu_placement(res.prefer_nodes.get("rollout"))
-        return RolloutWorker.options(name=f"rollout-{index}", runtime_env=threads, **options).remote(
+        return RolloutWorker.options(name=f"rollout-{index}", runtime_env=threads, **concurrency, **options).remote(
             res.rollout_engine, str(model_path), seed=self.recipe.seed + index,
             max_model_len=context_length(model_path), torch_threads=res.torch_threads,
             return_routed_experts=replay, dtype=self.weight_dtype_name, gpu=gpu)
@@ -486,6 +492,7 @@ class Controller:
                 "position": asdict(pos), "data": self._data_positions(), "curriculum": curriculum.state()})
         if isinstance(stage, RlStage) and not curriculum.prepared:
             self.prepare_curriculum(stage, curriculum, times)
+        self.between_steps = isinstance(stage, RlStage) and stage.algorithm.partial_rollouts
         steps = stage.steps or math.ceil(stage.epochs * curriculum.num_prompts() / (
             stage.batch_size if isinstance(stage, SftStage) else stage.prompts_per_step))
         start = time.perf_counter() - pos.stage_seconds
@@ -536,6 +543,7 @@ class Controller:
             # Batches sent ahead for steps this stage does not have: nobody trains on them.
             self.in_flight.clear()
             self.resend = []
+            self.between_steps = False
             result["staleness_histogram"] = self._staleness_histogram(stage.name)
             result["dropped_batches"] = self.dropped_batches
         if stage.eval_at_end:
@@ -705,6 +713,7 @@ class Controller:
             "aggregation_prompts": seen["aggregated"], "sources": curriculum.metrics(),
             "turns": seen["turns"], "max_turns": seen["max_turns"], "multi_turn_samples": seen["multi_turn"],
             "staleness": seen["staleness"], "dropped_batches": self.dropped_batches, "tasks": seen["tasks"],
+            "partial_samples": sum(span > 0 for span in seen["spans"]), "max_versions_spanned": max(seen["spans"]),
             **{f"verifier_{k}": v for k, v in self.verifiers.stats().items()},  # totals: deaths, timeouts
             "lr": lr, **stats,  # the learner's numbers and expert_load
         }
@@ -722,6 +731,7 @@ class Controller:
         kept_rewards: list[torch.Tensor] = []
         correct_sum, num_samples, num_tokens, num_aggregated = 0.0, 0, 0, 0
         turns: list[int] = []
+        spans: list[int] = []  # weights versions each sample spans (partial rollouts)
         for sampling_round in range(cfg.max_sampling_rounds):
             if sampling_round == 0:
                 sent, groups, staleness = self.next_rollouts(stage, curriculum, times)
@@ -742,6 +752,7 @@ class Controller:
             correct_sum, num_samples = correct_sum + float(correct.sum()), num_samples + len(flat)
             num_tokens += sum(len(c.token_ids) for c in flat)
             turns += [c.turns for c in flat]
+            spans += [c.weight_versions[1] - c.weight_versions[0] for c in flat]
             rewards = self.shape_rewards(correct, flat, stage)
             keep = (algorithms.select_groups(rewards, len(tasks)).tolist() if cfg.drop_uniform_groups
                     else list(range(len(tasks))))
@@ -753,6 +764,7 @@ class Controller:
         seen = {"correct": correct_sum / num_samples, "groups": num_samples // rollout.group_size,
                 "tokens": num_tokens / num_samples, "aggregated": num_aggregated, "staleness": staleness,
                 "turns": sum(turns) / len(turns), "max_turns": max(turns), "multi_turn": sum(t > 1 for t in turns),
+                "spans": spans,
                 "tasks": [t.uid for t in sent.tasks]}
         return kept_groups, rewards, seen
 
@@ -900,14 +912,16 @@ class Controller:
 
     def _push_weights(self) -> list | None:
         """Every engine's new weights version, or None when a rollout worker failed. The engines
-        take the weights after the batches in flight (asynchronous RL): their time counts too."""
-        queued = sum(batch.seconds for batch in self.in_flight)
+        take the weights after the batches in flight (asynchronous RL): their time counts too;
+        with partial rollouts, between two steps of them."""
+        queued = 0.0 if self.between_steps else sum(batch.seconds for batch in self.in_flight)
         workers, seconds = self.rollouts, queued + self.deadlines.sync()
         if self.weight_transfer == "object_store":
             state = self.learners.state_dict_ref()
-            return self._wait_rollouts([w.load_weights.remote(state, self.weights_version) for w in workers],
+            return self._wait_rollouts([w.load_weights.remote(state, self.weights_version, self.between_steps)
+                                        for w in workers],
                                        workers, seconds, "load_weights")
-        if self._wait_rollouts([w.start_weight_update.remote() for w in workers], workers,
+        if self._wait_rollouts([w.start_weight_update.remote(self.between_steps) for w in workers], workers,
                                queued + self.deadlines.small, "start_weight_update") is None:
             return None
         if self.weight_transfer == "ipc":

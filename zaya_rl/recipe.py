@@ -310,6 +310,10 @@ class AlgorithmConfig(StrictModel):
         "with weights at most this many optimizer steps old; an older batch is dropped, never trained on. "
         "0: the synchronous loop. Above 0, tis_cap defaults to 2 (the engine's log-probs are the behaviour "
         "policy)")
+    partial_rollouts: bool = Field(
+        False, description="asynchronous RL: new weights reach the engines between two decode steps of the "
+        "generations in flight, which go on with them, instead of after those generations; each sample "
+        "records the weights versions it spans. Needs max_off_policy_steps >= 1 and rollout_engine 'vllm'")
     max_logprob_drift: float | None = Field(
         0.25, gt=0.0, description="stop the run when the engine's and the learner's log-probs of the sampled "
         "tokens differ by more than this per token on average (a failed weight sync, mismatched dtypes or "
@@ -332,6 +336,12 @@ class AlgorithmConfig(StrictModel):
             raise ValueError("overlong_buffer is required with overlong 'shape' and not allowed otherwise")
         if self.loss == "dppo_tv" and self.tis_cap is None:
             raise ValueError("loss 'dppo_tv' needs tis_cap: its cap c in min(π/μ, c)")
+        if self.partial_rollouts and self.max_off_policy_steps == 0:
+            raise ValueError("partial_rollouts need max_off_policy_steps >= 1: the synchronous loop has no "
+                             "generation in flight while the weights change")
+        if self.partial_rollouts and self.router_replay:
+            raise ValueError("router_replay cannot go with partial_rollouts: a sample's routing would come from "
+                             "two policies, and batches that share the engine's steps would share its capture")
         if self.overlong == "shape" and self.advantage == "maxrl":
             raise ValueError("advantage 'maxrl' divides by the mean reward and needs rewards in [0, 1]; "
                              "overlong 'shape' makes them negative")
@@ -725,9 +735,10 @@ class Recipe(StrictModel):
             if isinstance(stage, RlStage) and data.filter is not None and stage.curriculum.adaptive:
                 raise _at(f"stages.{i}.curriculum.adaptive", f"stage {stage.name!r} serves the prompts its "
                           "data.filter keeps, at fixed levels: set curriculum.adaptive to false")
-        if self.resources.rollout_engine != "vllm" and any(
-                isinstance(s, RlStage) and s.algorithm.router_replay for s in self.stages):
-            raise ValueError("algorithm.router_replay needs resources.rollout_engine 'vllm'")
+        for flag in ("router_replay", "partial_rollouts"):
+            if self.resources.rollout_engine != "vllm" and any(
+                    isinstance(s, RlStage) and getattr(s.algorithm, flag) for s in self.stages):
+                raise ValueError(f"algorithm.{flag} needs resources.rollout_engine 'vllm'")
         for i, stage in enumerate(self.stages):
             colocated = self.resources.on_gpu and self.resources.placement == "colocated"
             if colocated and isinstance(stage, RlStage) and stage.algorithm.max_off_policy_steps > 0:

@@ -82,3 +82,23 @@ def test_a_killed_driver_resumes_its_batches_in_flight(tmp_path):
     trained = [uid for r in rl for uid in r["tasks"]]
     assert len(trained) == len(set(trained))  # none trained twice
     assert all(r["staleness"] <= 1 for r in rl)
+
+
+def test_partial_rollouts_take_new_weights_between_decode_steps(tmp_path):
+    """Partial rollouts at bound 2: a step's weights reach the engine while it samples batches
+    sent ahead (long ones: the untrained model runs to max_tokens), whose samples record the
+    weights versions they span; the bound and the bookkeeping hold as without."""
+    long = ("stages.rl.rollout.max_tokens=160", "algorithm.overlong_buffer=64", "stages.rl.steps=5")
+    summary = run(tmp_path / "partial", "algorithm.max_off_policy_steps=2", "algorithm.partial_rollouts=true",
+                  "stages.rl.algorithm.router_replay=false", *SHAPED, *long)
+    steps = rl_records(tmp_path / "partial")
+    assert [r["staleness"] for r in steps] == [0, 1, 2, 2, 2]
+    assert summary["stages"]["rl"]["dropped_batches"] == 0
+    trained = [uid for r in steps for uid in r["tasks"]]
+    assert len(trained) == len(set(trained)) == 5 * 4
+    # The first three batches were sent together before any update and sampled in the same
+    # engine steps; each later one was sent after an update and was in flight at the next. No
+    # batch spans more updates than its staleness.
+    assert [r["max_versions_spanned"] for r in steps[:3]] == [0, 0, 0]
+    assert all(r["max_versions_spanned"] <= r["staleness"] for r in steps)
+    assert steps[3]["partial_samples"] + steps[4]["partial_samples"] > 0

@@ -1,6 +1,8 @@
 """Both engines on a real tiny MoE checkpoint: log-probs agree with transformers, before and
 after weight updates (vLLM's CPU fused-MoE needs a repack after a reload)."""
 
+import threading
+
 import pytest
 import torch
 
@@ -77,3 +79,46 @@ def test_vllm_texts_equal_vllms_own_detokenization(tiny_checkpoint):
     assert all(c.token_ids == list(o.token_ids) for c, o in pairs)  # the same samples
     assert [c.text for c, _ in pairs] == [o.text for _, o in pairs]
     assert any(c.text for c, _ in pairs)
+
+
+def test_weights_loaded_beside_a_generation_go_in_between_its_decode_steps(tiny_checkpoint):
+    """Partial rollouts: weights loaded from another thread while a generation is in flight go
+    in between two of its decode steps. A sample's tokens before the switch carry the old
+    weights' log-probs; those after differ from them (the new weights, over a cache the old ones
+    made). The prefix cache holds no block of the old weights for the next generation."""
+    rollout = Rollout("vllm", str(tiny_checkpoint), seed=0, max_model_len=128, torch_threads=2)
+    model = load_model(tiny_checkpoint).eval()
+    torch.manual_seed(1)
+    weights_b = {k: v + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items()}
+    engine = rollout.engine
+    step, ten_steps_done = engine.llm.llm_engine.step, threading.Event()
+    steps = []
+
+    def counted_step():  # the engine's own step; the count tells the loader when to load
+        outputs = step()
+        steps.append(1)
+        if len(steps) == 10:
+            ten_steps_done.set()
+        return outputs
+
+    engine.llm.llm_engine.step = counted_step
+    loader = threading.Thread(target=lambda: ten_steps_done.wait() and rollout.load_weights(weights_b, 1, True))
+    loader.start()
+    groups = rollout.generate(PROMPTS, n=4, temperature=1.0, max_tokens=100, seed=3)
+    loader.join()
+    spanning = 0
+    for completion in (c for group in groups for c in group):
+        off_a = (learner_logprobs(model, completion) - torch.tensor(completion.logprobs)).abs()
+        switch = int((off_a >= 1e-4).float().argmax()) if bool((off_a >= 1e-4).any()) else len(off_a)
+        if completion.weight_versions == (0, 1):
+            spanning += 1
+            # The old weights' log-probs up to the switch, other weights' after it (an odd token
+            # may land near the old value by chance: the median says where the suffix stands).
+            assert 5 <= switch < len(off_a) and float(off_a[switch:].median()) > 1e-2, off_a
+        else:
+            assert completion.weight_versions == (0, 0) and switch == len(off_a) < 10, off_a
+    assert spanning > 0
+    model.load_state_dict(weights_b)
+    assert rollout.version() == 1 and mean_abs_diff(rollout, model) < 1e-4
+    after = rollout.generate(PROMPTS, n=1, temperature=1.0, max_tokens=8, seed=3)
+    assert all(c.weight_versions == (1, 1) for group in after for c in group)
