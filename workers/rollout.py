@@ -146,9 +146,13 @@ class VllmEngine:
         # Texts are decoded once, in one batch, after generation: vLLM's incremental
         # detokenizer, run at every decode step, took about 10% of a batch's time on CPU. Like
         # it, drop a sample's unfinished last UTF-8 character (decoded as U+FFFD).
-        params = SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, logprobs=0,
-                                seed=seed, detokenize=False)
-        outputs, spans = zip(*self._run(prompts, [params] * len(prompts))) if prompts else ((), ())
+        # A seed gives each prompt its own: seed + i. One seed for all would draw the same random
+        # numbers for every prompt at each position, so one unlucky draw (a low-probability token
+        # at position 4, say) derails the whole batch alike instead of one problem.
+        params = [SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, logprobs=0,
+                                 seed=None if seed is None else seed + i, detokenize=False)
+                  for i in range(len(prompts))]
+        outputs, spans = zip(*self._run(prompts, params)) if prompts else ((), ())
         routing = _by_request(self.llm.collective_rpc(_RoutingCapture.take)[0]) if self.return_routed_experts else {}
         texts = iter(self.tokenizer.batch_decode([c.token_ids for out in outputs for c in out.outputs],
                                                  skip_special_tokens=True))

@@ -897,8 +897,10 @@ class Controller:
         (which take no `seed`: Rollout.episodes)."""
         size = -(-len(tasks) // len(self.rollouts))
         chunks = [(w, tasks[i * size:(i + 1) * size]) for i, w in enumerate(self.rollouts) if tasks[i * size:(i + 1) * size]]
-        if environment is None:
-            return [w.generate.remote([t.prompt for t in chunk], n, temperature, max_tokens, seed) for w, chunk in chunks]
+        if environment is None:  # a chunk's prompts are seeded seed + their index in `tasks` (VllmEngine.generate)
+            return [w.generate.remote([t.prompt for t in chunk], n, temperature, max_tokens,
+                                      None if seed is None else seed + i * size)
+                    for i, (w, chunk) in enumerate(chunks)]
         return [w.episodes.remote(chunk, n, temperature, max_tokens, environment) for w, chunk in chunks]
 
     def sync_weights(self) -> None:

@@ -73,12 +73,15 @@ def test_vllm_texts_equal_vllms_own_detokenization(tiny_checkpoint):
 
     rollout = Rollout("vllm", str(tiny_checkpoint), seed=0, max_model_len=128, torch_threads=2)
     ours = rollout.generate(PROMPTS, n=4, temperature=1.0, max_tokens=24, seed=7)
-    params = SamplingParams(n=4, temperature=1.0, max_tokens=24, logprobs=0, seed=7)
+    params = [SamplingParams(n=4, temperature=1.0, max_tokens=24, logprobs=0, seed=7 + i) for i in range(len(PROMPTS))]
     theirs = rollout.engine.llm.generate(PROMPTS, params, use_tqdm=False)
     pairs = [(c, o) for group, out in zip(ours, theirs) for c, o in zip(group, out.outputs)]
     assert all(c.token_ids == list(o.token_ids) for c, o in pairs)  # the same samples
     assert [c.text for c, _ in pairs] == [o.text for _, o in pairs]
     assert any(c.text for c, _ in pairs)
+    # A seed seeds each prompt apart: one problem asked 8 times gets 8 draws, not one draw 8 times.
+    same = rollout.generate(PROMPTS[:1] * 8, n=1, temperature=1.0, max_tokens=24, seed=7)
+    assert len({tuple(g[0].token_ids) for g in same}) > 1
 
 
 def test_weights_loaded_beside_a_generation_go_in_between_its_decode_steps(tiny_checkpoint):
