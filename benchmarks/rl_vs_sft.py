@@ -107,10 +107,11 @@ def reward_ends(run_dir: Path, stages: list[str]) -> dict:
 
 
 def sceptic_recipe(recipe_path: Path, overrides: list[str], steps: int) -> dict:
-    """The recipe with its rl stages replaced by one sft stage: the warmup stage's settings and
-    data (every worked solution the recipe's sft stages train on, at their levels), `steps` long,
-    evaluated on the recipe's held-out set. `model.path` stays the recipe's: the run starts from
-    the warmup checkpoint with --stage/--from."""
+    """The recipe with one sft stage after its stages: the warmup stage's settings and data (every
+    worked solution the recipe's sft stages train on, at their levels), `steps` long, evaluated on
+    the recipe's held-out set. The run starts at it from the warmup checkpoint (--stage/--from);
+    the recipe's own stages stay in it, unrun, because the held-out set is their sources' (an rl
+    stage's problems may be all of it). `model.path` stays the recipe's."""
     recipe = load_recipe(recipe_path, overrides)
     sft = [s for s in recipe.stages if isinstance(s, SftStage)]
     if not sft or not any(isinstance(s, RlStage) for s in recipe.stages):
@@ -119,7 +120,7 @@ def sceptic_recipe(recipe_path: Path, overrides: list[str], steps: int) -> dict:
     sources = {source.name: source for s in sft for source in recipe.data_for(s).sources}
     warmup = sft[-1].model_dump(mode="json", exclude={"data", "steps", "epochs", "max_seconds", "levels", "name"})
     out = recipe.model_dump(mode="json")
-    out["stages"] = [s.model_dump(mode="json") for s in sft] + [{
+    out["stages"] = [s.model_dump(mode="json") for s in recipe.stages] + [{
         **warmup, "name": SCEPTIC, "steps": steps, "levels": levels,
         "data": {"sources": [s.model_dump(mode="json") for s in sources.values()]}}]
     return out
@@ -161,19 +162,23 @@ def pooled(runs: list[dict], first: str, second: str, mode: str) -> dict:
                     [sum(float(r[second][u][mode]) for r in runs) / len(runs) for u in uids])
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="one seed of a shortened recipe")
-    parser.add_argument("--recipe", type=Path, default=Path("recipes/tiny.yaml"))
-    parser.add_argument("--seeds", type=int, nargs="+", help="default: 0 1 2 (--quick: 0)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    args = parser.parse_args(argv)
-    settings = SETTINGS["quick" if args.quick else "full"]
-    seeds = args.seeds or settings["seeds"]
-    work = args.out / "runs" / "rl_vs_sft"
-    start = machine()
-    runs = [seed_run(args.recipe, seed, settings["overrides"], work) for seed in seeds]
+def done_when(result: dict) -> dict:
+    """Issue 23's three conditions, per mode: the pooled RL - more SFT interval above 0; per seed,
+    RL at least 10 points over the warmup and the last 10% of RL steps' training reward above
+    the first 10%'s."""
+    out = {}
+    for mode in MODES:
+        seeds = {str(s["seed"]): {"rl_gain_at_least_10_points": s[mode]["rl_minus_warmup"]["difference"] >= 0.10,
+                                  "reward_rose": s["training_reward"]["last_10pct"] > s["training_reward"]["first_10pct"]}
+                 for s in result["seeds"]}
+        beats = result["pooled"][mode]["rl_minus_sceptic"]["ci95"][0] > 0
+        out[mode] = {"rl_beats_more_sft_pooled": beats, "seeds": seeds,
+                     "met": beats and all(all(v.values()) for v in seeds.values())}
+    return out
 
+
+def summarise(seeds: list[int], runs: list[dict], start: dict, args, settings: dict) -> dict:
+    """rl_vs_sft.json's content for the seeds run so far."""
     per_seed = []
     for seed, r in zip(seeds, runs):
         per_seed.append({
@@ -190,7 +195,27 @@ def main(argv: list[str] | None = None) -> dict:
                           "rl_minus_warmup": pooled(runs, "rl", "warmup", mode),
                           "sceptic_minus_warmup": pooled(runs, "sceptic", "warmup", mode)} for mode in MODES},
     }
-    write_json(args.out / "rl_vs_sft.json", result)
+    result["done_when"] = done_when(result)
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="one seed of a shortened recipe")
+    parser.add_argument("--recipe", type=Path, default=Path("recipes/tiny.yaml"))
+    parser.add_argument("--seeds", type=int, nargs="+", help="default: 0 1 2 (--quick: 0)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args(argv)
+    settings = SETTINGS["quick" if args.quick else "full"]
+    seeds = args.seeds or settings["seeds"]
+    work = args.out / "runs" / "rl_vs_sft"
+    start = machine()
+    runs: list[dict] = []
+    for seed in seeds:  # the file is rewritten after each seed: a long run reports what it has
+        runs.append(seed_run(args.recipe, seed, settings["overrides"], work))
+        result = summarise(seeds[:len(runs)], runs, start, args, settings)
+        write_json(args.out / "rl_vs_sft.json", result)
+    per_seed = result["seeds"]
     print(text_table(
         f"\nRL against more SFT from the same warmup ({args.recipe}); held-out accuracy, paired differences "
         "with 95% intervals",
