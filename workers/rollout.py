@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -128,6 +129,9 @@ class VllmEngine:
         # weights between two of its steps, and no step runs while an update is half done.
         self.turn = threading.Condition()
         self.updating = False
+        # Set by an update about to take `turn`: the step loop, which would otherwise take the
+        # lock again at once after each step (Python's locks are not fair), waits for it instead.
+        self.update_waiting = threading.Event()
         self.prefix_cache_stale = False  # weights changed while requests held cached blocks
         self.request_ids = itertools.count()
         self.started: dict[str, int] = {}  # request -> weights version when it entered the engine
@@ -201,7 +205,7 @@ class VllmEngine:
 
         engine = self.llm.llm_engine
         with self.turn:
-            self.turn.wait_for(lambda: not self.updating)
+            self.turn.wait_for(self._may_step)
             if self.prefix_cache_stale:
                 self.prefix_cache_stale = not self.llm.reset_prefix_cache()
             ids = [str(next(self.request_ids)) for _ in prompts]
@@ -211,7 +215,7 @@ class VllmEngine:
                 self.started[request_id] = self.version
         while True:
             with self.turn:
-                self.turn.wait_for(lambda: not self.updating)
+                self.turn.wait_for(self._may_step)
                 if all(request_id in self.finished for request_id in ids):
                     return [self.finished.pop(request_id) for request_id in ids]
                 if not engine.has_unfinished_requests():
@@ -221,16 +225,26 @@ class VllmEngine:
                         self.finished[out.request_id] = (out, (self.started.pop(out.request_id), self.version))
                 self.turn.notify_all()  # an update may be waiting for the engine to empty
 
-    def _await_turn(self, between_steps: bool) -> None:
-        """Under `turn`: until no update is under way and, unless `between_steps`, no request is in
-        the engine (the update then applies to whole generations, as on a serial actor)."""
-        self.turn.wait_for(lambda: not self.updating and (between_steps or not self.started))
+    def _may_step(self) -> bool:
+        return not self.updating and not self.update_waiting.is_set()
+
+    @contextmanager
+    def _update_turn(self, between_steps: bool):
+        """Holds `turn` once no update is under way and, unless `between_steps`, no request is in
+        the engine (the update then applies to whole generations, as on a serial actor); with
+        `between_steps` the step loop lets it in after the step in progress."""
+        if between_steps:
+            self.update_waiting.set()
+        with self.turn:
+            self.turn.wait_for(lambda: not self.updating and (between_steps or not self.started))
+            self.update_waiting.clear()
+            yield
+            self.turn.notify_all()
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int, between_steps: bool = False) -> None:
         """Weights from host memory (the object store): reloaded in place by each vLLM worker,
         once the generations in flight end, or with `between_steps` between two of their steps."""
-        with self.turn:
-            self._await_turn(between_steps)
+        with self._update_turn(between_steps):
             if self.asleep:
                 self.llm.wake_up()
                 self.asleep = False
@@ -254,8 +268,7 @@ class VllmEngine:
     def start_weight_update(self, between_steps: bool = False) -> None:
         """Engine steps wait from here to `finish_weight_update`: it starts once the generations in
         flight end, or with `between_steps` after the step in progress."""
-        with self.turn:
-            self._await_turn(between_steps)
+        with self._update_turn(between_steps):
             self.updating = True
         if self.asleep:
             self.llm.wake_up(tags=["weights"])
