@@ -713,7 +713,7 @@ class Controller:
             "aggregation_prompts": seen["aggregated"], "sources": curriculum.metrics(),
             "turns": seen["turns"], "max_turns": seen["max_turns"], "multi_turn_samples": seen["multi_turn"],
             "staleness": seen["staleness"], "dropped_batches": self.dropped_batches, "tasks": seen["tasks"],
-            "partial_samples": sum(span > 0 for span in seen["spans"]), "max_versions_spanned": max(seen["spans"]),
+            "partial_samples": seen["partial_samples"], "max_versions_spanned": seen["max_versions_spanned"],
             **{f"verifier_{k}": v for k, v in self.verifiers.stats().items()},  # totals: deaths, timeouts
             "lr": lr, **stats,  # the learner's numbers and expert_load
         }
@@ -764,7 +764,7 @@ class Controller:
         seen = {"correct": correct_sum / num_samples, "groups": num_samples // rollout.group_size,
                 "tokens": num_tokens / num_samples, "aggregated": num_aggregated, "staleness": staleness,
                 "turns": sum(turns) / len(turns), "max_turns": max(turns), "multi_turn": sum(t > 1 for t in turns),
-                "spans": spans,
+                "partial_samples": sum(span > 0 for span in spans), "max_versions_spanned": max(spans),
                 "tasks": [t.uid for t in sent.tasks]}
         return kept_groups, rewards, seen
 
