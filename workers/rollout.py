@@ -534,3 +534,30 @@ class Rollout:
 @ray.remote(num_cpus=0, max_restarts=3, max_task_retries=0)
 class RolloutWorker(Rollout):
     """Ray actor shell: the same methods, called remotely."""
+
+
+def start_worker(index: int, engine: str, model_path: str, seed: int, max_model_len: int, torch_threads: int,
+                 actor_options: dict | None = None, **engine_options):
+    """RolloutWorker `rollout-{index}`, its engine seeded seed + index."""
+    # Ray sets OMP_NUM_THREADS=1 in its workers; vLLM sizes its CPU thread pool from it.
+    threads = {"env_vars": {"OMP_NUM_THREADS": str(torch_threads)}}
+    return RolloutWorker.options(name=f"rollout-{index}", runtime_env=threads, **(actor_options or {})).remote(
+        engine, model_path, seed=seed + index, max_model_len=max_model_len, torch_threads=torch_threads,
+        **engine_options)
+
+
+def contiguous_chunks(items: list, parts: int) -> list[tuple[int, list]]:
+    """`items` cut into at most `parts` contiguous chunks of equal size (the last may be
+    smaller), in order, each with the index of its first item; none is empty."""
+    size = max(-(-len(items) // parts), 1)
+    return [(start, items[start:start + size]) for start in range(0, len(items), size)]
+
+
+def send_generate(workers: list, prompts: list[str], n: int, temperature: float, max_tokens: int,
+                  seed: int | None = None) -> list[ray.ObjectRef]:
+    """`RolloutWorker.generate` of `prompts` spread over `workers` without waiting: the i-th
+    contiguous chunk to workers[i] (the last workers get none when there are fewer chunks), so
+    the chunks' answers joined in order are the groups of `prompts`. Seeded, prompt j is
+    sampled with seed + j whichever engine takes it (VllmEngine.generate)."""
+    return [w.generate.remote(chunk, n, temperature, max_tokens, None if seed is None else seed + start)
+            for w, (start, chunk) in zip(workers, contiguous_chunks(prompts, len(workers)))]

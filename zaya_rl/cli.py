@@ -196,7 +196,9 @@ def add_eval_parser(sub) -> None:
     ev.add_argument("--num-problems", type=int, help="problems per source (default: recipe eval.num_problems or 100)")
     ev.add_argument("--levels", type=int, nargs="+", help="held-out levels (default: recipe eval.levels or 1)")
     ev.add_argument("--seed", type=int, help="default: the recipe's seed or 0")
-    ev.add_argument("--threads", type=int, default=2, help="torch threads of the engine")
+    ev.add_argument("--engines", type=int, help="rollout workers (vLLM engines) in Ray to spread every round "
+                    "over (default: resources.num_rollout_workers or 1); Ray is RAY_ADDRESS's or a local one")
+    ev.add_argument("--threads", type=int, default=2, help="torch threads of each engine")
     ev.add_argument("--out", type=Path, help="write the report here as JSON")
     add_set_argument(ev)
 
@@ -230,10 +232,13 @@ def eval_command(args) -> int:
         if not tasks:
             raise ValueError(f"no source of {args.recipe} has a held-out set (see `held_out` in docs/recipes.md)")
         max_model_len = check_context(checkpoint, tasks, cfg)
+        engines = args.engines if args.engines is not None else recipe.resources.num_rollout_workers if recipe else 1
+        if engines < 1:
+            raise ValueError(f"--engines must be >= 1, got {engines}")
     except ValueError as err:
         print(f"zaya-rl: {err}", file=sys.stderr)
         return 2
-    report = run_eval(checkpoint, tasks, cfg, max_model_len, seed=cfg.seed, torch_threads=args.threads)
+    report = run_eval(checkpoint, tasks, cfg, max_model_len, engines, seed=cfg.seed, torch_threads=args.threads)
     print(format_report(report))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

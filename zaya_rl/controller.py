@@ -19,7 +19,7 @@ import ray
 import torch
 
 from workers.learner import LearnerGroup, Sequence, weight_bytes
-from workers.rollout import Completion, GpuOptions, RolloutWorker
+from workers.rollout import Completion, GpuOptions, contiguous_chunks, send_generate, start_worker
 from workers.verifier import VerifierPool
 from zaya_rl import algorithms, checkpoint, environments, placement, rsa
 from zaya_rl.curriculum import AdaptiveCurriculum
@@ -226,8 +226,6 @@ class Controller:
 
     def _start_rollout(self, index: int, model_path: Path):
         res = self.recipe.resources
-        # Ray sets OMP_NUM_THREADS=1 in its workers; vLLM sizes its CPU thread pool from it.
-        threads = {"env_vars": {"OMP_NUM_THREADS": str(res.torch_threads)}}
         replay = any(isinstance(s, RlStage) and s.algorithm.router_replay for s in self.recipe.stages)
         # Partial rollouts: weights go in beside the generations in flight, and batches sent ahead
         # share the engine's steps, so the actor takes calls in threads (the engine keeps them in turn).
@@ -242,10 +240,9 @@ class Controller:
             options = placement.actor_options(self.layout.engines[index], self.placement_group)
         else:
             options = placement.cpu_placement(res.prefer_nodes.get("rollout"))
-        return RolloutWorker.options(name=f"rollout-{index}", runtime_env=threads, **concurrency, **options).remote(
-            res.rollout_engine, str(model_path), seed=self.recipe.seed + index,
-            max_model_len=context_length(model_path), torch_threads=res.torch_threads,
-            return_routed_experts=replay, dtype=self.weight_dtype_name, gpu=gpu)
+        return start_worker(index, res.rollout_engine, str(model_path), self.recipe.seed, context_length(model_path),
+                            res.torch_threads, {**concurrency, **options}, return_routed_experts=replay,
+                            dtype=self.weight_dtype_name, gpu=gpu)
 
     @property
     def weight_dtype_name(self) -> str:
@@ -837,7 +834,7 @@ class Controller:
 
     # ---- shared pieces ---------------------------------------------------------------
 
-    def generate(self, tasks: list[Task], n: int, temperature: float, max_tokens: int, times: StageTimes,
+    def generate(self, tasks: list[Task] | list[str], n: int, temperature: float, max_tokens: int, times: StageTimes,
                  seed: int | None = None, environment: PythonToolConfig | None = None) -> list[list[Completion]]:
         """`_generate`, its seconds and generated tokens counted in `times`."""
         with Timer(times, "generate"):
@@ -845,7 +842,7 @@ class Controller:
         times.generated_tokens += sum(c.generated_tokens for group in groups for c in group)
         return groups
 
-    def _generate(self, tasks: list[Task], n: int, temperature: float, max_tokens: int,
+    def _generate(self, tasks: list[Task] | list[str], n: int, temperature: float, max_tokens: int,
                   seed: int | None, environment: PythonToolConfig | None = None) -> list[list[Completion]]:
         """`_send` and gather in order (`_gather`); a batch `_gather` throws away is generated anew."""
         while True:
@@ -890,18 +887,16 @@ class Controller:
         tool_seconds = environment.max_turns * environment.timeout_s * -(-sequences // environments.STEP_THREADS)
         return self.deadlines.generate(sequences * environment.max_turns, environment.max_episode_tokens) + tool_seconds
 
-    def _send(self, tasks: list[Task], n: int, temperature: float, max_tokens: int, seed: int | None = None,
-              environment: PythonToolConfig | None = None) -> list[ray.ObjectRef]:
-        """Fan tasks out over the rollout workers in contiguous chunks, without waiting: `n`
-        completions of each prompt, or with an `environment`, `n` episodes of each task in it
-        (which take no `seed`: Rollout.episodes)."""
-        size = -(-len(tasks) // len(self.rollouts))
-        chunks = [(w, tasks[i * size:(i + 1) * size]) for i, w in enumerate(self.rollouts) if tasks[i * size:(i + 1) * size]]
-        if environment is None:  # a chunk's prompts are seeded seed + their index in `tasks` (VllmEngine.generate)
-            return [w.generate.remote([t.prompt for t in chunk], n, temperature, max_tokens,
-                                      None if seed is None else seed + i * size)
-                    for i, (w, chunk) in enumerate(chunks)]
-        return [w.episodes.remote(chunk, n, temperature, max_tokens, environment) for w, chunk in chunks]
+    def _send(self, tasks: list[Task] | list[str], n: int, temperature: float, max_tokens: int,
+              seed: int | None = None, environment: PythonToolConfig | None = None) -> list[ray.ObjectRef]:
+        """Fan tasks (or bare prompts) out over the rollout workers in contiguous chunks, without
+        waiting: `n` completions of each prompt (`send_generate`), or with an `environment`, `n`
+        episodes of each task in it (which take no `seed`: Rollout.episodes)."""
+        if environment is None:
+            prompts = [t if isinstance(t, str) else t.prompt for t in tasks]
+            return send_generate(self.rollouts, prompts, n, temperature, max_tokens, seed)
+        return [w.episodes.remote(chunk, n, temperature, max_tokens, environment)
+                for w, (_, chunk) in zip(self.rollouts, contiguous_chunks(tasks, len(self.rollouts)))]
 
     def sync_weights(self) -> None:
         """The learner's weights into every engine: through the object store on the CPU; on

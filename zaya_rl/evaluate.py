@@ -1,7 +1,8 @@
 """Test-time compute evaluation: Markovian RSA against single samples and majority vote.
 
-Owns `evaluate` (over a `Rollout` already started) and `run_eval` (starts vLLM in-process on
-a checkpoint, no Ray). On one set of tasks it reports:
+Owns `evaluate` (over a `generate` callable) and `run_eval` (starts rollout workers on a
+checkpoint in Ray and spreads every round's prompts over their engines). On one set of tasks
+it reports:
 
 - single-sample accuracy: mean correctness of the N round-0 samples (the same draws RSA
   starts from, so the comparison is paired);
@@ -25,12 +26,13 @@ is untrusted.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 from rewards.code import extract_code, verify_code
 from rewards.math import START_FAILED, MathVerifier, extract_answer
-from zaya_rl.rsa import RsaConfig, plurality_correctness, readouts, template_overhead_tokens
+from zaya_rl.rsa import RsaConfig, TokenizerLike, plurality_correctness, readouts, run_rsa, template_overhead_tokens
 from zaya_rl.tasks import Task
 
 
@@ -88,12 +90,15 @@ def paired_difference(a: list[float], b: list[float]) -> dict[str, float]:
             "a_higher": sum(d > 0 for d in diffs), "b_higher": sum(d < 0 for d in diffs)}
 
 
-def evaluate(rollout, tasks: list[Task], cfg: RsaConfig, verifier: MathVerifier) -> dict:
-    """RSA, sampling and majority-vote read-outs of `rollout`'s model on `tasks`."""
+def evaluate(generate: Callable[[list[str], int, float, int], list[list]], tokenizer: TokenizerLike,
+             tasks: list[Task], cfg: RsaConfig, verifier: MathVerifier) -> dict:
+    """RSA, sampling and majority-vote read-outs on `tasks` of the model that
+    `generate(prompts, n, temperature, max_tokens)` samples (`n` completions of each prompt)."""
     num = len(tasks)
     questions = [t.prompt for t in tasks]
     start = time.perf_counter()
-    result = rollout.rsa(questions, cfg)
+    result = run_rsa(lambda prompts, n, temperature: generate(prompts, n, temperature, cfg.budget), tokenizer,
+                     questions, cfg)
     judged = [judge(pop, tasks, verifier) for pop in result.populations]
     per_round = [[readouts(*group) for group in pop] for pop in judged]
     first, final = per_round[0], per_round[-1]
@@ -103,7 +108,7 @@ def evaluate(rollout, tasks: list[Task], cfg: RsaConfig, verifier: MathVerifier)
     # Matched tokens: as many fresh samples as RSA's tokens buy at round 0's mean length.
     tokens_per_sample = max(first_tokens / (num * cfg.population), 1.0)
     k = max(1, round(rsa_tokens / num / tokens_per_sample))
-    matched = rollout.generate(questions, k, cfg.temperature, cfg.budget)
+    matched = generate(questions, k, cfg.temperature, cfg.budget)
     matched_tokens = sum(len(c.token_ids) for group in matched for c in group)
     matched_scores = [readouts(*group) for group in judge(matched, tasks, verifier)]
 
@@ -158,14 +163,32 @@ def check_context(checkpoint: Path, tasks: list[Task], cfg: RsaConfig) -> int:
     return max_model_len
 
 
-def run_eval(checkpoint: Path, tasks: list[Task], cfg: RsaConfig, max_model_len: int, seed: int = 0,
-             torch_threads: int = 2) -> dict:
-    """Start vLLM on `checkpoint` in this process (no Ray) and run `evaluate`."""
-    from workers.rollout import Rollout
+def run_eval(checkpoint: Path, tasks: list[Task], cfg: RsaConfig, max_model_len: int, engines: int = 1,
+             seed: int = 0, torch_threads: int = 2) -> dict:
+    """Start `engines` rollout workers (vLLM, seeded seed + i) on `checkpoint` in the Ray
+    instance of RAY_ADDRESS, or a local one, and run `evaluate` over them: each call's prompts
+    are spread over every engine; RSA's rounds, and the answers' scoring, run here."""
+    import ray
 
-    rollout = Rollout("vllm", str(checkpoint), seed=seed, max_model_len=max_model_len, torch_threads=torch_threads)
-    with MathVerifier() as verifier:
-        report = evaluate(rollout, tasks, cfg, verifier)
+    from workers.rollout import send_generate, start_worker
+    from zaya_rl.controller import init_ray
+    from zaya_rl.models import load_tokenizer
+
+    init_ray()
+    workers = [start_worker(i, "vllm", str(checkpoint), seed, max_model_len, torch_threads) for i in range(engines)]
+    print(f"zaya-rl eval: {engines} rollout worker{'s' if engines > 1 else ''}, "
+          f"{', '.join(f'rollout-{i}' for i in range(engines))}")
+
+    def generate(prompts: list[str], n: int, temperature: float, max_tokens: int) -> list[list]:
+        return [group for chunk in ray.get(send_generate(workers, prompts, n, temperature, max_tokens))
+                for group in chunk]
+
+    try:
+        with MathVerifier() as verifier:
+            report = evaluate(generate, load_tokenizer(checkpoint), tasks, cfg, verifier)
+    finally:
+        for worker in workers:
+            ray.kill(worker)
     return {"checkpoint": str(checkpoint), "seed": seed, **report}
 
 

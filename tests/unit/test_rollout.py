@@ -6,7 +6,7 @@ import threading
 import pytest
 import torch
 
-from workers.rollout import Rollout
+from workers.rollout import Rollout, contiguous_chunks
 from zaya_rl.models import load_model, weights_for_transport
 
 PROMPTS = ["12+3=?\n", "4-5+6=?\n", "7+8=?\n"]
@@ -59,6 +59,19 @@ def test_greedy_is_deterministic_and_reports_finish(rollout):
         c = group[0]
         assert len(c.token_ids) == len(c.logprobs) <= 12
         assert c.finished == (len(c.token_ids) < 12 or c.token_ids[-1] == rollout.engine.tokenizer.eos_token_id)
+
+
+def test_contiguous_chunks_cover_the_items_in_order():
+    """How a batch is spread over the engines: at most one chunk per engine, joined back in order."""
+    items = list(range(7))
+    assert contiguous_chunks(items, 3) == [(0, [0, 1, 2]), (3, [3, 4, 5]), (6, [6])]
+    assert contiguous_chunks(items, 1) == [(0, items)]
+    assert contiguous_chunks(items[:2], 4) == [(0, [0]), (1, [1])]  # fewer items than engines
+    assert contiguous_chunks([], 2) == []
+    for parts in range(1, 9):
+        chunks = contiguous_chunks(items, parts)
+        assert len(chunks) <= parts and [x for _, chunk in chunks for x in chunk] == items
+        assert all(items[start] == chunk[0] for start, chunk in chunks)
 
 
 def test_unknown_engine_is_rejected(tiny_checkpoint):
