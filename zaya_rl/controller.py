@@ -711,12 +711,14 @@ class Controller:
             "turns": seen["turns"], "max_turns": seen["max_turns"], "multi_turn_samples": seen["multi_turn"],
             "staleness": seen["staleness"], "dropped_batches": self.dropped_batches, "tasks": seen["tasks"],
             "partial_samples": seen["partial_samples"], "max_versions_spanned": seen["max_versions_spanned"],
+            **seen["rsa_rounds"],
             **{f"verifier_{k}": v for k, v in self.verifiers.stats().items()},  # totals: deaths, timeouts
             "lr": lr, **stats,  # the learner's numbers and expert_load
         }
 
     def sample_groups(self, stage: RlStage, curriculum: AdaptiveCurriculum, times: StageTimes):
-        """Generated and scored groups of samples: the oldest batch in flight (`next_rollouts`).
+        """Generated and scored groups of samples: the oldest batch in flight (`next_rollouts`), or
+        with `rsa_traces` every round of the step's RSA traces (`rsa_traces`, staleness 0).
         With dynamic sampling (DAPO) only groups whose rewards differ are kept, and new prompts
         are drawn and sampled now, up to `max_sampling_rounds` rounds, until `prompts_per_step`
         groups are kept. Returns the kept groups, their (shaped) rewards (groups, group_size),
@@ -729,16 +731,21 @@ class Controller:
         correct_sum, num_samples, num_tokens, num_aggregated = 0.0, 0, 0, 0
         turns: list[int] = []
         spans: list[int] = []  # weights versions each sample spans (partial rollouts)
+        rsa_rounds: dict[str, list] = {}  # rsa_traces: per round, its reward and trained samples
         for sampling_round in range(cfg.max_sampling_rounds):
-            if sampling_round == 0:
-                sent, groups, staleness = self.next_rollouts(stage, curriculum, times)
-                tasks, num_plain = sent.tasks, sent.num_plain
-            else:
+            if sampling_round > 0:
                 tasks, num_plain = self.draw_tasks(stage, curriculum, stage.prompts_per_step - len(kept_groups))
                 groups = self.generate(tasks, rollout.group_size, rollout.temperature, rollout.max_tokens, times,
                                        environment=rollout.environment)
+            elif stage.rsa_traces:  # one sampling round (the recipe refuses refills): round 0's groups first
+                tasks, groups = self.rsa_traces(stage, curriculum, times)
+                num_plain, staleness, batch_tasks = stage.prompts_per_step, 0, tasks[:stage.prompts_per_step]
+            else:
+                sent, groups, staleness = self.next_rollouts(stage, curriculum, times)
+                tasks, num_plain, batch_tasks = sent.tasks, sent.num_plain, sent.tasks
             plain = tasks[:num_plain]
-            num_aggregated += len(tasks) - num_plain
+            # In prompts: a group of a later RSA round has one per member, any other group one.
+            num_aggregated += (len(tasks) - num_plain) * (rollout.group_size if stage.rsa_traces else 1)
             flat = [c for group in groups for c in group]
             with Timer(times, "verify"):
                 correct = self.rewards([t for t in tasks for _ in range(rollout.group_size)], flat)
@@ -755,6 +762,8 @@ class Controller:
                     else list(range(len(tasks))))
             kept_groups += [groups[g] for g in keep]
             kept_rewards += [rewards[g] for g in keep]
+            if stage.rsa_traces:
+                rsa_rounds = rsa_round_metrics(correct, keep, num_plain)
             if len(kept_groups) == stage.prompts_per_step:
                 break
         rewards = torch.stack(kept_rewards) if kept_rewards else torch.zeros(0, rollout.group_size)
@@ -762,8 +771,23 @@ class Controller:
                 "tokens": num_tokens / num_samples, "aggregated": num_aggregated, "staleness": staleness,
                 "turns": sum(turns) / len(turns), "max_turns": max(turns), "multi_turn": sum(t > 1 for t in turns),
                 "partial_samples": sum(span > 0 for span in spans), "max_versions_spanned": max(spans),
-                "tasks": [t.uid for t in sent.tasks]}
+                "tasks": [t.uid for t in batch_tasks], "rsa_rounds": rsa_rounds}
         return kept_groups, rewards, seen
+
+    def rsa_traces(self, stage: RlStage, curriculum: AdaptiveCurriculum,
+                   times: StageTimes) -> tuple[list[Task], list[list[Completion]]]:
+        """Whole Markovian RSA traces (docs/methods.md, "Training on whole RSA traces") of
+        `prompts_per_step` problems from the curriculum, every round spread over all engines with
+        the current weights: each round's population of each problem is one group (round 0: N
+        samples of the question; later rounds: one sample of each member's own aggregation prompt).
+        The groups round by round, and each group's task."""
+        rollout = stage.rollout
+        tasks = curriculum.next_batch(stage.prompts_per_step)
+        # The tails are drawn with a seed from the run's random state, which checkpoints keep.
+        cfg = rollout.rsa.config(rollout.max_tokens, rollout.temperature, seed=self.rng.randrange(2**32))
+        result = rsa.run_rsa(lambda prompts, n, temperature: self.generate(prompts, n, temperature, cfg.budget, times),
+                             self.tokenizer, [t.prompt for t in tasks], cfg)
+        return tasks * len(result.populations), [group for population in result.populations for group in population]
 
     def draw_tasks(self, stage: RlStage, curriculum: AdaptiveCurriculum, count: int) -> tuple[list[Task], int]:
         """`count` prompts: the stage's share of aggregation prompts over recent rollouts, the
@@ -1007,6 +1031,15 @@ def check_drift(drift: float, limit: float | None, transport: str) -> None:
             f"engine and learner log-probs of the same tokens differ by {drift:.4g} per token on average, "
             f"above algorithm.max_logprob_drift {limit:g}: the engines do not sample the learner's policy "
             f"(weight sync by {transport} failed, or their dtypes or kernels disagree)")
+
+
+def rsa_round_metrics(correct: torch.Tensor, keep: list[int], problems: int) -> dict[str, list]:
+    """Each RSA round's mean correctness and how many of its samples are in the groups kept for
+    training, from the correctness of groups laid out round by round, `problems` groups a round
+    (Controller.rsa_traces), and the indices of the kept groups."""
+    rounds, group_size = correct.shape[0] // problems, correct.shape[1]
+    return {"rsa_round_rewards": correct.view(rounds, -1).mean(dim=1).tolist(),
+            "rsa_round_samples": [sum(g // problems == t for g in keep) * group_size for t in range(rounds)]}
 
 
 def _accuracy(tasks: list[Task], correct: list[bool]) -> dict:

@@ -428,6 +428,10 @@ class RlStage(StageBase):
                                        "stage's own fields over it")
     curriculum: CurriculumConfig = Field(CurriculumConfig(), description="the recipe's `curriculum` with the "
                                          "stage's own fields over it")
+    rsa_traces: bool = Field(False, description="sample each step's prompts_per_step problems as whole Markovian "
+                             "RSA traces (rollout.rsa: N = rollout.group_size, C, T, τ; β = rollout.max_tokens) "
+                             "and train every round's members, the verifier rewarding each: T + 1 groups per "
+                             "problem, a group being one round's N members of a problem")
 
     @model_validator(mode="after")
     def _check(self) -> RlStage:
@@ -438,7 +442,38 @@ class RlStage(StageBase):
         buffer = self.algorithm.overlong_buffer
         if buffer is not None and buffer > max_tokens:
             raise ValueError(f"algorithm.overlong_buffer ({buffer}) must be <= rollout.max_tokens ({max_tokens})")
+        if self.rsa_traces:
+            self._check_rsa_traces()
         return self
+
+    def _check_rsa_traces(self) -> None:
+        """What training on whole RSA traces needs, and what it cannot be combined with."""
+        rsa, cfg = self.rollout.rsa, self.algorithm
+        if rsa.population != self.rollout.group_size:
+            raise _at("rollout.rsa.population", f"rsa_traces: population ({rsa.population}) must equal "
+                      f"rollout.group_size ({self.rollout.group_size}): one round's members of a problem are "
+                      "one group")
+        if rsa.rounds == 0:
+            raise _at("rollout.rsa.rounds", "rsa_traces need rounds >= 1 (0 is plain sampling: turn rsa_traces off)")
+        if rsa.budget not in (None, self.rollout.max_tokens):
+            raise _at("rollout.rsa.budget", f"rsa_traces: every member is trained as a sample of up to "
+                      f"rollout.max_tokens ({self.rollout.max_tokens}) tokens: set budget null or equal to it")
+        if rsa.aggregation_temperature not in (None, self.rollout.temperature):
+            raise _at("rollout.rsa.aggregation_temperature", "rsa_traces: the learner's log-probs are at "
+                      f"rollout.temperature ({self.rollout.temperature}), so every round samples at it: set "
+                      "aggregation_temperature null")
+        if self.rollout.environment is not None:
+            raise _at("rsa_traces", "RSA traces are single completions: turn off rollout.environment")
+        if self.aggregation_share > 0:
+            raise _at("aggregation_share", "rsa_traces train aggregation prompts of their own: set "
+                      "aggregation_share to 0")
+        if cfg.max_off_policy_steps > 0:
+            raise _at("algorithm.max_off_policy_steps", "rsa_traces sample their rounds one after another with "
+                      "the current weights, not ahead of the learner: set max_off_policy_steps to 0 (no "
+                      "asynchronous RL or partial rollouts)")
+        if cfg.max_sampling_rounds > 1:
+            raise _at("algorithm.max_sampling_rounds", "rsa_traces do not refill dropped groups: set "
+                      "max_sampling_rounds to 1")
 
 
 Stage = Annotated[SftStage | RlStage, Field(discriminator="kind")]

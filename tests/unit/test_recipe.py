@@ -385,3 +385,40 @@ def test_tools_recipe_merges_the_environment_into_rl_stages(tmp_path):
 ])
 def test_bad_environment_combinations_name_the_field(tmp_path, old, new, where, message):
     _assert_refused(tmp_path, TOOLS, old, new, where, message)
+
+
+RSA_TRACES = """name: x
+rollout: {group_size: 4, rsa: {population: 4, tails: 2, rounds: 2}}
+stages:
+  - name: rl
+    kind: rl
+    steps: 2
+    lr: 0.1
+    rsa_traces: true
+    rollout: {max_tokens: 24}
+"""
+
+
+def test_rsa_traces_take_the_rollouts_rsa_settings(tmp_path):
+    [stage] = load_recipe(_write(tmp_path, RSA_TRACES)).stages
+    assert stage.rsa_traces and stage.rollout.rsa.config(stage.rollout.max_tokens, 1.0).budget == 24
+
+
+@pytest.mark.parametrize(("old", "new", "where", "message"), [
+    ("population: 4", "population: 8", ":2: rollout.rsa.population", "must equal rollout.group_size (4)"),
+    ("rounds: 2", "rounds: 0", ":2: rollout.rsa.rounds", "0 is plain sampling"),
+    ("{max_tokens: 24}", "{max_tokens: 24, rsa: {budget: 16}}", ":9: stages.0.rl.rollout.rsa.budget",
+     "set budget null or equal to it"),
+    ("rounds: 2}", "rounds: 2, aggregation_temperature: 0.0}", ":2: rollout.rsa.aggregation_temperature",
+     "every round samples at it"),
+    ("{max_tokens: 24}", "{max_tokens: 24, environment: {kind: python_tool}}", ":8: stages.0.rl.rsa_traces",
+     "turn off rollout.environment"),
+    ("    lr: 0.1\n", "    lr: 0.1\n    aggregation_share: 0.5\n", ":8: stages.0.rl.aggregation_share",
+     "set aggregation_share to 0"),
+    ("name: x\n", "name: x\nalgorithm: {max_off_policy_steps: 1}\n", ":2: algorithm.max_off_policy_steps",
+     "not ahead of the learner"),
+    ("name: x\n", "name: x\nalgorithm: {max_sampling_rounds: 2}\n", ":2: algorithm.max_sampling_rounds",
+     "do not refill dropped groups"),
+])
+def test_rsa_traces_refuse_what_they_cannot_go_with(tmp_path, old, new, where, message):
+    _assert_refused(tmp_path, RSA_TRACES, old, new, where, message)

@@ -245,3 +245,14 @@ def test_rsa_on_vllm_keeps_prompts_bounded(tiny_checkpoint):
             assert len(c.prompt_ids) <= q + cfg.tails * cfg.tail_tokens + overhead
             assert len(c.token_ids) <= cfg.budget
     assert result.rounds[1].generated_tokens == sum(len(c.token_ids) for g in result.final for c in g)
+
+
+def test_rsa_round_metrics_of_groups_laid_out_round_by_round():
+    import torch
+
+    from zaya_rl.controller import rsa_round_metrics
+
+    # 2 problems, N = 2, rounds 0..2: rows are round 0's groups, then round 1's, then round 2's.
+    correct = torch.tensor([[1, 0], [0, 0], [1, 1], [0, 1], [1, 1], [1, 1]], dtype=torch.float)
+    metrics = rsa_round_metrics(correct, keep=[0, 2, 3, 5], problems=2)
+    assert metrics == {"rsa_round_rewards": [0.25, 0.75, 1.0], "rsa_round_samples": [2, 4, 2]}
