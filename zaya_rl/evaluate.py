@@ -176,8 +176,7 @@ def run_eval(checkpoint: Path, tasks: list[Task], cfg: RsaConfig, max_model_len:
 
     init_ray()
     workers = [start_worker(i, "vllm", str(checkpoint), seed, max_model_len, torch_threads) for i in range(engines)]
-    print(f"zaya-rl eval: {engines} rollout worker{'s' if engines > 1 else ''}, "
-          f"{', '.join(f'rollout-{i}' for i in range(engines))}")
+    print("zaya-rl eval: every call spread over " + ", ".join(f"rollout-{i}" for i in range(engines)))
 
     def generate(prompts: list[str], n: int, temperature: float, max_tokens: int) -> list[list]:
         return [group for chunk in ray.get(send_generate(workers, prompts, n, temperature, max_tokens))

@@ -28,7 +28,7 @@ def test_eval_cli_writes_json(tiny_checkpoint, tmp_path):
                    "--population", "4", "--tails", "2", "--rounds", "1", "--budget", "24", "--tail-tokens", "8",
                    "--aggregation-temperature", "0", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Ray dashboard at" in proc.stdout and "1 rollout worker, rollout-0" in proc.stdout
+    assert "Ray dashboard at" in proc.stdout and "spread over rollout-0\n" in proc.stdout
     report = json.loads(out.read_text())
     for key in ("single_sample", "majority_vote", "rsa_mean", "rsa_majority", "matched_majority"):
         assert 0.0 <= report[key]["accuracy"] <= 1.0 and report[key]["tokens_per_problem"] >= 0
@@ -65,7 +65,7 @@ stages:
     proc = zaya_rl("eval", "--recipe", str(tmp_path / "r.yaml"), "--checkpoint", str(tiny_checkpoint),
                    "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2 rollout workers, rollout-0, rollout-1" in proc.stdout
+    assert "spread over rollout-0, rollout-1\n" in proc.stdout
     report = json.loads(out.read_text())
     by_source = report["by_source"]
     # chain_sum at level 1; the file's rows are all level 0, its top level, and there are 3.
