@@ -205,6 +205,7 @@ def add_eval_parser(sub) -> None:
 
 def eval_command(args) -> int:
     """`zaya-rl eval`: settings from the command line, then the recipe, then defaults."""
+    from zaya_rl.deadlines import Hung
     from zaya_rl.evaluate import check_context, format_report, run_eval
     from zaya_rl.tasks import held_out, held_out_tasks
 
@@ -238,7 +239,12 @@ def eval_command(args) -> int:
     except ValueError as err:
         print(f"zaya-rl: {err}", file=sys.stderr)
         return 2
-    report = run_eval(checkpoint, tasks, cfg, max_model_len, engines, seed=cfg.seed, torch_threads=args.threads)
+    try:
+        report = run_eval(checkpoint, tasks, cfg, max_model_len, engines, seed=cfg.seed, torch_threads=args.threads,
+                          timeouts=recipe.timeouts if recipe else None)
+    except Hung as err:
+        print(f"zaya-rl: {err}", file=sys.stderr)
+        return 1
     print(format_report(report))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,8 @@ from pathlib import Path
 
 from rewards.code import extract_code, verify_code
 from rewards.math import START_FAILED, MathVerifier, extract_answer
+from zaya_rl.deadlines import Deadlines, wait
+from zaya_rl.recipe import TimeoutsConfig
 from zaya_rl.rsa import RsaConfig, TokenizerLike, plurality_correctness, readouts, run_rsa, template_overhead_tokens
 from zaya_rl.tasks import Task
 
@@ -164,10 +166,12 @@ def check_context(checkpoint: Path, tasks: list[Task], cfg: RsaConfig) -> int:
 
 
 def run_eval(checkpoint: Path, tasks: list[Task], cfg: RsaConfig, max_model_len: int, engines: int = 1,
-             seed: int = 0, torch_threads: int = 2) -> dict:
+             seed: int = 0, torch_threads: int = 2, timeouts: TimeoutsConfig | None = None) -> dict:
     """Start `engines` rollout workers (vLLM, seeded seed + i) on `checkpoint` in the Ray
     instance of RAY_ADDRESS, or a local one, and run `evaluate` over them: each call's prompts
-    are spread over every engine; RSA's rounds, and the answers' scoring, run here."""
+    are spread over every engine; RSA's rounds, and the answers' scoring, run here. A worker
+    that does not answer within its deadline (`timeouts`, a recipe's or the defaults) ends the
+    evaluation with `deadlines.Hung`, which names the call, instead of a wait without end."""
     import ray
 
     from workers.rollout import send_generate, start_worker
@@ -175,12 +179,16 @@ def run_eval(checkpoint: Path, tasks: list[Task], cfg: RsaConfig, max_model_len:
     from zaya_rl.models import load_tokenizer
 
     init_ray()
+    deadlines = Deadlines(timeouts or TimeoutsConfig())
     workers = [start_worker(i, "vllm", str(checkpoint), seed, max_model_len, torch_threads) for i in range(engines)]
+    wait([w.version.remote() for w in workers], deadlines.start, "RolloutWorker.version", workers)
     print("zaya-rl eval: every call spread over " + ", ".join(f"rollout-{i}" for i in range(engines)))
 
     def generate(prompts: list[str], n: int, temperature: float, max_tokens: int) -> list[list]:
-        return [group for chunk in ray.get(send_generate(workers, prompts, n, temperature, max_tokens))
-                for group in chunk]
+        refs = send_generate(workers, prompts, n, temperature, max_tokens)
+        chunks = wait(refs, deadlines.generate(len(prompts) * n, max_tokens), "RolloutWorker.generate",
+                      workers[:len(refs)])
+        return [group for chunk in chunks for group in chunk]
 
     try:
         with MathVerifier() as verifier:

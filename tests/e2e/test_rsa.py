@@ -82,6 +82,24 @@ stages:
         ["sums", "4"], ["facts", "3"]]
 
 
+def test_eval_ends_with_an_error_naming_the_call_when_an_engine_does_not_answer(tiny_checkpoint, tmp_path):
+    """A generate call past its deadline (the recipe's `timeouts`, here far below what one call
+    takes) ends `zaya-rl eval` with exit 1 and the call named, instead of a wait without end."""
+    (tmp_path / "r.yaml").write_text("""name: hang
+eval: {num_problems: 4, levels: [1]}
+timeouts: {min_seconds: 0.001, generate_tokens_per_second: 1.0e9}
+rollout: {max_tokens: 24, rsa: {population: 4, tails: 2, rounds: 1, tail_tokens: 8}}
+stages:
+  - {name: rl, kind: rl, steps: 1, lr: 0.1}
+""")
+    out = tmp_path / "eval.json"
+    proc = zaya_rl("eval", "--recipe", str(tmp_path / "r.yaml"), "--checkpoint", str(tiny_checkpoint),
+                   "--out", str(out))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "RolloutWorker.generate did not answer within its deadline" in proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
 def test_rl_stage_trains_every_round_of_whole_rsa_traces(tiny_checkpoint, tmp_path):
     """An rl stage with rsa_traces on two rollout workers: each step samples 2 problems as RSA
     traces (N = 4, C = 2, T = 2) and trains all N * (T + 1) members of each, every group's
