@@ -420,6 +420,8 @@ class Learner:
             "mean_abs_logprob_diff": drift / drift_tokens, "entropy": entropy / drift_tokens,
             **({"routing_mismatch": mismatch / drift_tokens} if batch[0].routed_experts is not None else {}),
             "expert_load": (routed / routed_tokens).tolist(),
+            # What this rank's allocator holds after the step: a figure that grows step by step is a leak.
+            **({"gpu_reserved_gib": torch.cuda.memory_reserved(self.device) / 2**30} if self.device.type == "cuda" else {}),
         }
 
     def logprobs(self, batch: list[Sequence], temperature: float = 1.0) -> list[list[float]]:
@@ -468,14 +470,19 @@ class Learner:
 
     def send_weights_ipc(self, engines: list, dtype: torch.dtype) -> None:
         """CUDA IPC to engines on this rank's cards (colocated, or split on a shared card): the
-        weights are packed into GPU buffers whose handles the engines open and load from, with
-        no trip through host memory; every rank calls (handles are gathered to rank 0, which
-        calls the engines). Then the allocator's cache goes back to the card, so a colocated
-        engine can wake its KV cache."""
+        engines open a handle of each weight's own storage and load from it, with no trip through
+        host memory and no copy; every rank calls (handles are gathered to rank 0, which calls the
+        engines). Then the allocator's cache goes back to the card, so a colocated engine can wake
+        its KV cache."""
         from vllm.distributed.weight_transfer.ipc_engine import IPCWeightTransferEngine
 
+        # Not vLLM's packed mode, which copies the weights through a fresh 1 GiB staging buffer at
+        # every update: with it (vLLM 0.26) recipes/gpu.yaml ran out of memory on an H100 when the
+        # engine woke its KV cache at the 31st RL step, about what a 1 GiB buffer kept per sync
+        # would fill (later vLLM releases the engine's reference to it explicitly). Unpacked, the
+        # engines read the parameters' own storage (ZeRO-3 and LoRA send gathered or merged copies).
         IPCWeightTransferEngine.trainer_send_weights(
-            self.named_weights(dtype), {"send_mode": "ray", "llm_handle": engines, "packed": True})
+            self.named_weights(dtype), {"send_mode": "ray", "llm_handle": engines, "packed": False})
         torch.cuda.empty_cache()
 
     def init_weight_broadcast(self, master_address: str, master_port: int, world_size: int) -> None:
