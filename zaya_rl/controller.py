@@ -28,7 +28,7 @@ from zaya_rl.metrics import MetricsSink
 from zaya_rl.models import build_checkpoint, chat_prompt, context_length, load_tokenizer
 from zaya_rl.recipe import (CurriculumConfig, EvalConfig, PythonToolConfig, Recipe, RlStage, SftStage, StageBase,
                             dump_recipe)
-from zaya_rl.tasks import Task, TaskStream, build_source, held_out_tasks
+from zaya_rl.tasks import Task, build_source, held_out_tasks, tokenizer_corpus
 
 
 @dataclass
@@ -204,9 +204,8 @@ class Controller:
     def _prepare_model(self) -> Path:
         if self.recipe.model.path is not None:
             return self.recipe.model.path
-        corpus_stream = TaskStream(self.recipe.tasks.generator, self.recipe.seed)
-        corpus = [t.prompt + t.solution for level in range(self.recipe.tasks.max_level + 1)
-                  for t in corpus_stream.take(level, 500)]
+        corpus = tokenizer_corpus(self.recipe.tasks.generator, self.recipe.tasks.max_level, self.recipe.sources(),
+                                  self.recipe.seed)
         pieces = environments.TOOL_PIECES if self.recipe.uses_environment() else ()
         return build_checkpoint(self.recipe.model.tiny, corpus, self.run_dir / "initial", self.recipe.seed, pieces)
 

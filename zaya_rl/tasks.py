@@ -253,6 +253,23 @@ def build_source(cfg: Source, seed: int, exclude: frozenset[str] = frozenset()) 
     return RowTasks(cfg.name, file_tasks(cfg) if isinstance(cfg, FileSource) else code_tasks(cfg))
 
 
+def tokenizer_corpus(generator: str, max_level: int, sources: list[Source], seed: int, per_level: int = 500) -> list[str]:
+    """The texts a tiny model's tokenizer is trained on: `per_level` problems with their worked
+    solutions of `generator` (the held-out task) at levels 0..max_level, then the same of every
+    other source (a source without worked solutions gives its answers), so that a recipe's own
+    data is not split into single bytes. chain_sum sources add nothing to the generator's texts."""
+    stream = TaskStream(generator, seed)
+    corpus = [t.prompt + t.solution for level in range(max_level + 1) for t in stream.take(level, per_level)]
+    for cfg in sources:
+        if isinstance(cfg, GymSource) and cfg.generator == "chain_sum":
+            continue
+        source = build_source(cfg, seed)
+        texts = (t.prompt + (t.solution or t.answer) for level in range(source.num_levels)
+                 for t in source.take(level, per_level))
+        corpus += list(dict.fromkeys(texts))  # a file's rows are served again once a level runs out
+    return corpus
+
+
 def held_out(generator: str, levels: list[int], num_problems: int, level_settings: list[dict] | None = None,
              name: str | None = None) -> list[Task]:
     """A reasoning-gym generator's fixed evaluation set, the same for every run (seed region 0,

@@ -156,3 +156,22 @@ def test_every_kind_of_source_has_its_own_held_out_set(tmp_path):
 
     mixed = held_out_tasks([gym, with_split, code], [0], 4)
     assert [t.source for t in mixed] == ["arith"] * 4 + ["f"] * 2
+
+
+def test_tokenizer_corpus_takes_every_source_and_keeps_chain_sums_as_they_were(tmp_path):
+    from zaya_rl.models import train_tokenizer
+    from zaya_rl.tasks import tokenizer_corpus
+
+    rows = [{"q": f"Which organelle makes energy for cell {i}?", "a": "mitochondrion"} for i in range(40)]
+    (tmp_path / "bio.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bio = FileSource(kind="file", name="bio", path=str(tmp_path / "bio.jsonl"), fields=FileFields(prompt="q", answer="a"))
+    sums = GymSource(kind="gym", name="sums", generator="chain_sum")
+    plain = tokenizer_corpus("chain_sum", 1, [sums], seed=0, per_level=50)
+    stream = TaskStream("chain_sum", 0)
+    assert plain == [t.prompt + t.solution for level in (0, 1) for t in stream.take(level, 50)]
+    mixed = tokenizer_corpus("chain_sum", 1, [sums, bio], seed=0, per_level=50)
+    # The file's 40 rows once each (a level that runs out is served again), answers as targets.
+    assert mixed[:len(plain)] == plain and len(mixed) == len(plain) + 40
+    assert mixed[-1] == rows[-1]["q"] + "mitochondrion"
+    word = " mitochondrion"
+    assert len(train_tokenizer(mixed, vocab_size=400).encode(word)) < len(train_tokenizer(plain, vocab_size=400).encode(word)) / 3
