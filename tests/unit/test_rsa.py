@@ -1,6 +1,6 @@
 """Markovian RSA: the prompt bound, its special cases (T=0, τ=β, C=1) and read-outs on a
 deterministic fake engine; then the real vLLM engine on a tiny checkpoint (`zaya-rl eval`, which
-runs it through Ray's rollout workers: tests/e2e/test_rsa.py)."""
+runs it through Ray's rollout workers: tests/e2e/test_rsa_workers.py)."""
 
 from __future__ import annotations
 
