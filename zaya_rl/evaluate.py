@@ -181,8 +181,6 @@ def run_eval(checkpoint: Path, tasks: list[Task], cfg: RsaConfig, max_model_len:
     init_ray()
     deadlines = Deadlines(timeouts or TimeoutsConfig())
     workers = [start_worker(i, "vllm", str(checkpoint), seed, max_model_len, torch_threads) for i in range(engines)]
-    wait([w.version.remote() for w in workers], deadlines.start, "RolloutWorker.version", workers)
-    print("zaya-rl eval: every call spread over " + ", ".join(f"rollout-{i}" for i in range(engines)))
 
     def generate(prompts: list[str], n: int, temperature: float, max_tokens: int) -> list[list]:
         refs = send_generate(workers, prompts, n, temperature, max_tokens)
@@ -190,7 +188,9 @@ def run_eval(checkpoint: Path, tasks: list[Task], cfg: RsaConfig, max_model_len:
                       workers[:len(refs)])
         return [group for chunk in chunks for group in chunk]
 
-    try:
+    try:  # the workers go when eval ends, a hung one too
+        wait([w.version.remote() for w in workers], deadlines.start, "RolloutWorker.version", workers)
+        print("zaya-rl eval: every call spread over " + ", ".join(f"rollout-{i}" for i in range(engines)))
         with MathVerifier() as verifier:
             report = evaluate(generate, load_tokenizer(checkpoint), tasks, cfg, verifier)
     finally:
