@@ -473,6 +473,9 @@ def _private_mounts(libc, expose: list[str]) -> None:
     binds = [(p, os.open(p, os.O_PATH)) for p in expose if any(p.startswith(c + "/") for c in covered)]
     for path in covered:
         options = b"mode=1777,size=64m" if path in scratch else b"mode=755,size=1m"
+        # A blocked directory under a scratch one (a checkout in a mktemp -d folder) is gone
+        # under the scratch tmpfs mounted before it: its mount point is made there again.
+        os.makedirs(path, exist_ok=True)
         _libc_call(libc, "mount", b"tmpfs", path.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, options)
     for path, fd in binds:
         os.makedirs(path, exist_ok=True)

@@ -78,6 +78,28 @@ def test_isolation_on_this_machine():
     assert network_isolation() == "network namespace"
 
 
+def test_full_isolation_with_python_in_a_private_folder_under_tmp(tmp_path):
+    """A checkout cloned into `mktemp -d` (mode 700, under /tmp) puts its venv's Python below a
+    folder that others cannot traverse, under the /tmp the sandbox replaces: the sandbox still
+    isolates fully (it once fell back to WEAK there, the mount point gone under the new /tmp)."""
+    import site
+    import subprocess
+    import sys
+    import tempfile
+
+    private = Path(tempfile.mkdtemp(dir="/tmp"))
+    try:
+        assert private.stat().st_mode & 0o777 == 0o700
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(private / "venv")], check=True)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *site.getsitepackages()])}
+        summary = subprocess.run([str(private / "venv" / "bin" / "python"), "-c",
+                                  "from rewards.sandbox import isolation; print(isolation()['summary'])"],
+                                 env=env, capture_output=True, text=True, check=True, timeout=120).stdout
+        assert summary.startswith("namespaces (root): mount, PID and network namespaces"), summary
+    finally:
+        subprocess.run(["rm", "-rf", str(private)], check=True)
+
+
 def test_isolation_without_namespaces_says_it_is_weak(monkeypatch, caplog):
     monkeypatch.setenv("ZAYA_SANDBOX_NAMESPACES", "0")
     isolation.cache_clear()
