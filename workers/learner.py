@@ -553,6 +553,15 @@ class Learner:
                 k: v.detach().to("cpu", copy=True) for k, v in self.reference.state_dict().items()}
             save_file(weights, os.path.join(path, REFERENCE_FILE))
 
+    def reset_optimizer(self) -> None:
+        """Forget AdamW's moments and step count: the next step starts them afresh. A new stage
+        optimises another objective, whose gradients have another scale (an SFT stage's token
+        mean against an rl stage's sequence sums); moments carried over would size its first
+        hundreds of steps by the previous stage's gradients (beta2 = 0.999)."""
+        # DeepSpeed's ZeRO optimizers wrap the torch one; under ZeRO 0 it is the torch one itself.
+        optimizer = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+        optimizer.state.clear()
+
     def load_state(self, path: str) -> None:
         """The state save_state wrote. A saved KL reference replaces this learner's: a resumed
         run keeps penalising the distance to the policy it started from, not to the resumed one."""
@@ -779,6 +788,9 @@ class LearnerWorker:
     def load_state(self, path: str) -> None:
         self.learner.load_state(path)
 
+    def reset_optimizer(self) -> None:
+        self.learner.reset_optimizer()
+
 
 class LearnerGroup:
     """`num_workers` data-parallel ranks; each step splits the batch evenly. With a placement
@@ -888,6 +900,9 @@ class LearnerGroup:
 
     def load_state(self, path: str) -> None:
         self._wait([w.load_state.remote(str(path)) for w in self.workers], self.deadlines.checkpoint(), "load_state")
+
+    def reset_optimizer(self) -> None:
+        self._wait([w.reset_optimizer.remote() for w in self.workers], self.deadlines.small, "reset_optimizer")
 
     def shutdown(self) -> None:
         for worker in self.workers:

@@ -486,6 +486,8 @@ class Controller:
         if pos.step > 0:  # continuing a stage from a checkpoint: record what was restored
             self.metrics.log("_resume", pos.step, {
                 "position": asdict(pos), "data": self._data_positions(), "curriculum": curriculum.state()})
+        else:  # every stage starts with fresh AdamW moments, as one started with --stage/--from does
+            self.learners.reset_optimizer()
         if isinstance(stage, RlStage) and not curriculum.prepared:
             self.prepare_curriculum(stage, curriculum, times)
         self.between_steps = isinstance(stage, RlStage) and stage.algorithm.partial_rollouts

@@ -69,6 +69,22 @@ def test_sft_memorises_a_fixed_batch(checkpoint, batch, zero_stage):
     torch.testing.assert_close(load.sum(1), torch.full((load.shape[0],), 2.0))
 
 
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_a_reset_optimizer_steps_like_a_fresh_one(checkpoint, batch, zero_stage, tmp_path):
+    """After reset_optimizer the next step is the one a new learner on the same weights takes:
+    a stage begins as one started with --stage/--from does."""
+    learner = make_learner(checkpoint, zero_stage)
+    for _ in range(3):
+        learner.sft_step(batch, lr=1e-2)
+    learner.save(str(tmp_path / "weights"))
+    learner.reset_optimizer()
+    learner.sft_step(batch, lr=1e-3)
+    fresh = make_learner(str(tmp_path / "weights"), zero_stage)
+    fresh.sft_step(batch, lr=1e-3)
+    for a, b in zip(learner.logprobs(batch), fresh.logprobs(batch)):
+        assert a == pytest.approx(b, abs=1e-5)
+
+
 def test_rl_step_on_policy_and_direction(checkpoint, config, batch):
     learner = make_learner(checkpoint)
     seqs = [Sequence(s.prompt_ids, s.completion_ids, advantage=1.0 if i % 2 == 0 else -1.0)
