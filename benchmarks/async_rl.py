@@ -5,18 +5,24 @@ decode steps of the generations in flight), bounded by steps, side by side: RL s
 of the stage's loop (evaluation left out) and the training reward per step.
 
     python -m benchmarks.async_rl [--recipe recipes/tiny.yaml] [--steps 40] [--out benchmarks/results] [--quick]
+                                  [--bounds 0 1 2 ...] [--set KEY=VALUE ...]
 
 The warmup runs once (`zaya-rl run --stage warmup`-style: the recipe's first stage); each bound
 then runs the RL stage from its checkpoint (`--stage rl --from`). Writes async_rl.json and
 plots/async_rl.png (reward per step, and the reward's running mean over 10 steps). `--quick`
 (the suite's): a 60-second warmup, 12 RL steps and 200 held-out problems per source. Through
-`zaya-rl run`, so on a GPU recipe with split placement it measures the GPU loop.
+`zaya-rl run`, so on a GPU recipe with split placement it measures the GPU loop; `--set` overrides
+the recipe in every run (one card split in halves: `--recipe recipes/gpu.yaml --set
+resources.placement=split --set resources.rollout_gpus=0.5 --set resources.learner_gpus=0.5`).
+Each run's checkpoints are deleted once its summary is read: only its figures are kept (a GPU
+recipe's run checkpoint is about 10 GB).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -42,25 +48,35 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=40, help="RL steps of each run")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--quick", action="store_true", help="a 60 s warmup, 12 RL steps, 200 held-out problems")
+    parser.add_argument("--bounds", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="the rows to run; 0 is needed as the speed-ups' base")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a recipe override for every run (as zaya-rl run --set)")
     args = parser.parse_args(argv)
-    quick = ["--set", "eval.num_problems=200"] if args.quick else []
+    if "0" not in args.bounds:
+        parser.error("--bounds must include 0: the speed-ups are over the synchronous loop")
+    common = [arg for override in args.overrides for arg in ("--set", override)]
+    common += ["--set", "eval.num_problems=200"] if args.quick else []
     if args.quick:
         args.steps = 12
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, args.overrides)
     warmup = next(s for s in recipe.stages if isinstance(s, SftStage))
     rl = next(s for s in recipe.stages if isinstance(s, RlStage))
     runs = args.out / "runs" / "async_rl"
     warmup_stage = warmup.model_dump(mode="json") | ({"max_seconds": 60} if args.quick else {})
-    first = run(args.recipe, runs / "warmup", "--set", f"stages={json.dumps([warmup_stage])}", *quick)
+    first = run(args.recipe, runs / "warmup", "--set", f"stages={json.dumps([warmup_stage])}", *common)
+    shutil.rmtree(runs / "warmup" / "checkpoints", ignore_errors=True)  # the RL runs start from stages/
     start = first["stages"][warmup.name]["checkpoint"]
 
     rows, rewards = {}, {}
-    for name, algorithm in VARIANTS.items():
+    for name in args.bounds:
+        algorithm = VARIANTS[name]
         run_dir = runs / f"bound{name.replace(' ', '_')}"
         settings = [arg for key, value in algorithm.items() for arg in ("--set", f"algorithm.{key}={json.dumps(value)}")]
         summary = run(args.recipe, run_dir, "--stage", rl.name, "--from", start,
                       "--set", f"stages.{rl.name}.steps={args.steps}", "--set", f"stages.{rl.name}.max_seconds=null",
-                      *settings, *quick)
+                      *settings, *common)
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         stage = summary["stages"][rl.name]
         steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         steps = [r for r in steps if r["stage"] == rl.name and "reward" in r]
@@ -78,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
               "rows": rows}
     write_json(args.out / "async_rl.json", result)
     curves_plot(args.out / "plots" / "async_rl.png", f"{recipe.name}: RL from one warmup at staleness bounds 0-2",
-                rewards, {f"bound {b}": [(args.steps, rows[b]["eval_sampled"])] for b in VARIANTS})
+                rewards, {f"bound {b}": [(args.steps, rows[b]["eval_sampled"])] for b in rows})
     print(text_table(f"\n{recipe.name}: {args.steps} RL steps from one warmup, by staleness bound",
                      ["bound", "steps/s", "speed-up", "mean reward", "reward, last half", "held-out sampled",
                       "staleness", "samples spanning an update"],

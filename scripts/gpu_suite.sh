@@ -3,6 +3,9 @@
 # scripts/wheelhouse.sh bundle), runs `pytest -m gpu`, the one-GPU default recipe and the GPU
 # benchmarks, each step under a time limit and each logged on its own, going on past a failed step.
 #   usage: bash scripts/gpu_suite.sh [STEP ...]   (default: setup tests recipe rollout sync)
+# Other steps: rl_lr (after recipe: its RL stage again from the warmup at two more learning rates)
+# and async (benchmarks.async_rl at staleness bounds 0-2, the card split in halves).
+# Run checkpoints are deleted once a step has read them: a gpu.yaml checkpoint is about 10 GB.
 # Logs, a `status` line per step and the recipe's run go to ZAYA_SUITE_DIR (default runs/gpu_suite);
 # the benchmarks write their JSON under ZAYA_RESULTS/gpu/ (default benchmarks/results/gpu/).
 # Exits non-zero when any step failed.
@@ -26,6 +29,12 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND with a time limit, log it,
     return $rc
 }
 
+clean() {  # clean PATH...: delete what a step left behind, keeping the step's exit status
+    local rc=$?
+    rm -rf "$@"
+    return $rc
+}
+
 failed=0
 steps=("$@")
 [ $# -gt 0 ] || steps=(setup tests recipe rollout sync)
@@ -35,10 +44,19 @@ for name in "${steps[@]}"; do
             "nvidia-smi; $py -c 'import torch, vllm, ray, deepspeed, transformers; print(torch.__version__, vllm.__version__, ray.__version__, deepspeed.__version__, transformers.__version__, torch.cuda.get_device_name())'" ;;
         tests) step tests 1500 "$py" -m pytest -m gpu tests/gpu -v -p no:cacheprovider --timeout 1200 ;;
         recipe) step recipe 1500 .venv/bin/zaya-rl run recipes/gpu.yaml --run-dir "$dir/run" \
-            && step recipe_phases 300 "$py" -m benchmarks.gpu_recipe --run-dir "$dir/run" --out "$results" ;;
+            && step recipe_phases 300 "$py" -m benchmarks.gpu_recipe --run-dir "$dir/run" --out "$results" \
+            ; clean "$dir/run/checkpoints" ;;
+        rl_lr) for lr in 2.0e-5 1.0e-4; do
+                step "rl_lr_$lr" 600 .venv/bin/zaya-rl run recipes/gpu.yaml --stage rl --from "$dir/run/stages/warmup" \
+                    --run-dir "$dir/rl_lr_$lr" --set "stages.rl.lr=$lr"
+                clean "$dir/rl_lr_$lr/checkpoints" || failed=1
+            done ;;
+        async) step async 1500 "$py" -m benchmarks.async_rl --recipe recipes/gpu.yaml --bounds 0 1 2 \
+            --set resources.placement=split --set resources.rollout_gpus=0.5 --set resources.learner_gpus=0.5 \
+            --out "$results/gpu" ;;
         rollout) step rollout 900 "$py" -m benchmarks.rollout_throughput --gpu --out "$results" ;;
         sync) step sync 900 "$py" -m benchmarks.weight_sync --gpu --out "$results" ;;
-        *) echo "gpu_suite: unknown step '$name' (setup tests recipe rollout sync)" >&2; exit 2 ;;
+        *) echo "gpu_suite: unknown step '$name' (setup tests recipe rl_lr rollout sync async)" >&2; exit 2 ;;
     esac || failed=1
 done
 echo "== done: $(tr '\n' ' ' <"$dir/status")"
