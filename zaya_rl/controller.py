@@ -549,9 +549,10 @@ class Controller:
             result.update(self.evaluate(stage.eval, self.run_dir / "held_out" / f"{stage.name}.jsonl"))
         result["wall_seconds"] = time.perf_counter() - start
         result["checkpoint"] = str(self.run_dir / "stages" / stage.name)
-        self.learners.save(result["checkpoint"])
+        # Recorded before the save, which can fail (a full disk): the evaluation is not lost with it.
         self.summary["stages"][stage.name] = result
         self.metrics.log(stage.name, pos.step, {k: v for k, v in result.items() if isinstance(v, float)})
+        self.learners.save(result["checkpoint"])
         self.position = Position(stage_index=pos.stage_index + 1, global_step=pos.global_step)
         self.curriculum_state = None
         self.save_checkpoint()
