@@ -5,10 +5,11 @@ decode steps of the generations in flight), bounded by steps, side by side: RL s
 of the stage's loop (evaluation left out) and the training reward per step.
 
     python -m benchmarks.async_rl [--recipe recipes/tiny.yaml] [--steps 40] [--out benchmarks/results] [--quick]
-                                  [--bounds 0 1 2 ...] [--set KEY=VALUE ...]
+                                  [--bounds 0 1 2 ...] [--set KEY=VALUE ...] [--warmup-from CHECKPOINT]
 
-The warmup runs once (`zaya-rl run --stage warmup`-style: the recipe's first stage); each bound
-then runs the RL stage from its checkpoint (`--stage rl --from`). Writes async_rl.json and
+The warmup runs once (`zaya-rl run --stage warmup`-style: the recipe's first stage), or is a
+checkpoint given by `--warmup-from` (the recipe's own run's `stages/warmup`); each bound then runs
+the RL stage from it (`--stage rl --from`). Writes async_rl.json and
 plots/async_rl.png (reward per step, and the reward's running mean over 10 steps). `--quick`
 (the suite's): a 60-second warmup, 12 RL steps and 200 held-out problems per source. Through
 `zaya-rl run`, so on a GPU recipe with split placement it measures the GPU loop; `--set` overrides
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="the rows to run; 0 is needed as the speed-ups' base")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a recipe override for every run (as zaya-rl run --set)")
+    parser.add_argument("--warmup-from", type=Path, help="a warmup checkpoint to start from instead of running one")
     args = parser.parse_args(argv)
     if "0" not in args.bounds:
         parser.error("--bounds must include 0: the speed-ups are over the synchronous loop")
@@ -64,9 +66,12 @@ def main(argv: list[str] | None = None) -> dict:
     rl = next(s for s in recipe.stages if isinstance(s, RlStage))
     runs = args.out / "runs" / "async_rl"
     warmup_stage = warmup.model_dump(mode="json") | ({"max_seconds": 60} if args.quick else {})
-    first = run(args.recipe, runs / "warmup", "--set", f"stages={json.dumps([warmup_stage])}", *common)
-    shutil.rmtree(runs / "warmup" / "checkpoints", ignore_errors=True)  # the RL runs start from stages/
-    start = first["stages"][warmup.name]["checkpoint"]
+    if args.warmup_from:
+        start = str(args.warmup_from)
+    else:
+        first = run(args.recipe, runs / "warmup", "--set", f"stages={json.dumps([warmup_stage])}", *common)
+        shutil.rmtree(runs / "warmup" / "checkpoints", ignore_errors=True)  # the RL runs start from stages/
+        start = first["stages"][warmup.name]["checkpoint"]
 
     rows, rewards = {}, {}
     for name in args.bounds:

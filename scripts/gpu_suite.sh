@@ -4,7 +4,8 @@
 # benchmarks, each step under a time limit and each logged on its own, going on past a failed step.
 #   usage: bash scripts/gpu_suite.sh [STEP ...]   (default: setup tests recipe rollout sync)
 # Other steps: rl_lr (after recipe: its RL stage again from the warmup at two more learning rates)
-# and async (benchmarks.async_rl at staleness bounds 0-2, the card split in halves).
+# and async (after recipe: benchmarks.async_rl from its warmup at staleness bounds 0-2, 30 steps
+# each, the card split in halves).
 # Run checkpoints are deleted once a step has read them: a gpu.yaml checkpoint is about 10 GB.
 # Logs, a `status` line per step and the recipe's run go to ZAYA_SUITE_DIR (default runs/gpu_suite);
 # the benchmarks write their JSON under ZAYA_RESULTS/gpu/ (default benchmarks/results/gpu/).
@@ -51,9 +52,9 @@ for name in "${steps[@]}"; do
                     --run-dir "$dir/rl_lr_$lr" --set "stages.rl.lr=$lr"
                 clean "$dir/rl_lr_$lr/checkpoints" || failed=1
             done ;;
-        async) step async 1500 "$py" -m benchmarks.async_rl --recipe recipes/gpu.yaml --bounds 0 1 2 \
-            --set resources.placement=split --set resources.rollout_gpus=0.5 --set resources.learner_gpus=0.5 \
-            --out "$results/gpu" ;;
+        async) step async 1500 "$py" -m benchmarks.async_rl --recipe recipes/gpu.yaml --bounds 0 1 2 --steps 30 \
+            --warmup-from "$dir/run/stages/warmup" --out "$results/gpu" \
+            --set resources.placement=split --set resources.rollout_gpus=0.5 --set resources.learner_gpus=0.5 ;;
         rollout) step rollout 900 "$py" -m benchmarks.rollout_throughput --gpu --out "$results" ;;
         sync) step sync 900 "$py" -m benchmarks.weight_sync --gpu --out "$results" ;;
         *) echo "gpu_suite: unknown step '$name' (setup tests recipe rl_lr rollout sync async)" >&2; exit 2 ;;
