@@ -65,10 +65,10 @@ def main(argv: list[str] | None = None) -> dict:
     warmup = next(s for s in recipe.stages if isinstance(s, SftStage))
     rl = next(s for s in recipe.stages if isinstance(s, RlStage))
     runs = args.out / "runs" / "async_rl"
-    warmup_stage = warmup.model_dump(mode="json") | ({"max_seconds": 60} if args.quick else {})
     if args.warmup_from:
         start = str(args.warmup_from)
     else:
+        warmup_stage = warmup.model_dump(mode="json") | ({"max_seconds": 60} if args.quick else {})
         first = run(args.recipe, runs / "warmup", "--set", f"stages={json.dumps([warmup_stage])}", *common)
         shutil.rmtree(runs / "warmup" / "checkpoints", ignore_errors=True)  # the RL runs start from stages/
         start = first["stages"][warmup.name]["checkpoint"]
