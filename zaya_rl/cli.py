@@ -105,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     except ResumeError as err:
         print(f"zaya-rl: cannot resume: {err}", file=sys.stderr)
         return 2
+    except RecipeError as err:  # what only the built model can tell (its tokenizer, its context)
+        print(f"zaya-rl: the recipe cannot run on this model: {err}", file=sys.stderr)
+        return 2
     except PlacementError as err:
         print(f"zaya-rl: the cluster cannot hold this recipe's resources: {err}", file=sys.stderr)
         return 2

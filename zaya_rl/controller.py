@@ -26,8 +26,8 @@ from zaya_rl.curriculum import AdaptiveCurriculum
 from zaya_rl.deadlines import Deadlines, Hung, wait
 from zaya_rl.metrics import MetricsSink
 from zaya_rl.models import build_checkpoint, chat_prompt, context_length, load_tokenizer
-from zaya_rl.recipe import (CurriculumConfig, EvalConfig, PythonToolConfig, Recipe, RlStage, SftStage, StageBase,
-                            dump_recipe)
+from zaya_rl.recipe import (CurriculumConfig, EvalConfig, PythonToolConfig, Recipe, RecipeError, RlStage, SftStage,
+                            StageBase, dump_recipe)
 from zaya_rl.tasks import Task, build_source, held_out_tasks, tokenizer_corpus
 
 
@@ -181,6 +181,7 @@ class Controller:
             if start_stage is not None:
                 self.position.stage_index = [s.name for s in recipe.stages].index(start_stage)
         self.tokenizer = load_tokenizer(self.model_path)
+        check_rl_context(recipe, self.tokenizer, context_length(self.model_path))
         self.deadlines = Deadlines(recipe.timeouts, weight_bytes(self.model_path))
         self._start_workers(self.model_path, resumed)
         if resumed is not None:
@@ -1018,6 +1019,34 @@ class Controller:
 def alive_nodes() -> dict[str, dict]:
     """The cluster's live nodes by ID, as ray.nodes() describes them."""
     return {node["NodeID"]: node for node in ray.nodes() if node["Alive"]}
+
+
+def check_rl_context(recipe: Recipe, tokenizer, max_model_len: int) -> None:
+    """RecipeError naming the stage and its fields when an rl stage's aggregation prompts (or
+    whole RSA traces) plus their budget cannot fit the model's context: better before the
+    first stage than from vLLM in the middle of the run. The questions are a sample of every
+    level of the stage's sources, drawn from copies that leave the run's positions alone."""
+    for i, stage in enumerate(recipe.stages):
+        if not isinstance(stage, RlStage) or not (stage.aggregation_share > 0 or stage.rsa_traces):
+            continue
+        rollout = stage.rollout
+        if stage.rsa_traces:
+            cfg = rollout.rsa.config(rollout.max_tokens, rollout.temperature)
+            fields = "rollout.rsa.tails, rollout.rsa.tail_tokens or rollout.rsa.budget"
+        else:  # tails are cut from the stage's own rollouts, at most rollout.max_tokens long
+            cfg = rsa.RsaConfig(population=stage.aggregation_tails, tails=stage.aggregation_tails, rounds=1,
+                                budget=rollout.max_tokens,
+                                tail_tokens=min(stage.aggregation_tail_tokens, rollout.max_tokens))
+            fields = "aggregation_tails, aggregation_tail_tokens or rollout.max_tokens"
+        questions = []
+        for source_cfg in recipe.data_for(stage).sources:
+            source = build_source(source_cfg, recipe.seed)
+            questions += [t.prompt for level in range(source.num_levels) for t in source.take(level, 16)]
+        needed = rsa.tokens_needed(tokenizer, questions, cfg)
+        if needed > max_model_len:
+            raise RecipeError(f"stages.{i} ({stage.name!r}): its {'RSA traces' if stage.rsa_traces else 'aggregation prompts'}"
+                              f" plus their budget need up to {needed} tokens but the model's context is "
+                              f"{max_model_len}: lower {fields} (or raise the context)")
 
 
 class LogprobDriftError(RuntimeError):

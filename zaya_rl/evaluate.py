@@ -34,7 +34,7 @@ from rewards.code import extract_code, verify_code
 from rewards.math import START_FAILED, MathVerifier, extract_answer
 from zaya_rl.deadlines import Deadlines, wait
 from zaya_rl.recipe import TimeoutsConfig
-from zaya_rl.rsa import RsaConfig, TokenizerLike, plurality_correctness, readouts, run_rsa, template_overhead_tokens
+from zaya_rl.rsa import RsaConfig, TokenizerLike, plurality_correctness, readouts, run_rsa, tokens_needed
 from zaya_rl.tasks import Task
 
 
@@ -155,10 +155,7 @@ def check_context(checkpoint: Path, tasks: list[Task], cfg: RsaConfig) -> int:
 
     max_model_len = context_length(checkpoint)
     tokenizer = load_tokenizer(checkpoint)
-    longest_question = max(len(tokenizer.encode(t.prompt, add_special_tokens=False)) for t in tasks)
-    carried = cfg.tail_tokens if cfg.continuation else \
-        cfg.tails * cfg.tail_tokens + template_overhead_tokens(tokenizer, cfg.tails)
-    needed = longest_question + (carried if cfg.rounds else 0) + cfg.budget
+    needed = tokens_needed(tokenizer, [t.prompt for t in tasks], cfg)
     if needed > max_model_len:
         raise ValueError(f"RSA prompts plus budget need up to {needed} tokens but the model's context "
                          f"is {max_model_len}: lower --tails, --tail-tokens or --budget")

@@ -127,6 +127,15 @@ def template_overhead_tokens(tokenizer: TokenizerLike, tails: int) -> int:
     return len(tokenizer.encode(aggregation_prompt("", [""] * tails), add_special_tokens=False))
 
 
+def tokens_needed(tokenizer: TokenizerLike, questions: list[str], cfg: RsaConfig) -> int:
+    """The context an engine needs to run `cfg` over `questions`: the longest prompt it builds
+    (the longest question, with C tails of τ tokens and the template after round 0) plus β."""
+    longest_question = max(len(tokenizer.encode(q, add_special_tokens=False)) for q in questions)
+    carried = cfg.tail_tokens if cfg.continuation else \
+        cfg.tails * cfg.tail_tokens + template_overhead_tokens(tokenizer, cfg.tails)
+    return longest_question + (carried if cfg.rounds else 0) + cfg.budget
+
+
 def last_tokens(texts: list[str], num_tokens: int, tokenizer: TokenizerLike) -> list[str]:
     """For each text, its longest end that encodes to at most `num_tokens` tokens.
 

@@ -130,3 +130,15 @@ def test_rl_stage_trains_every_round_of_whole_rsa_traces(tiny_checkpoint, tmp_pa
     assert not set(steps[0]["tasks"]) & set(steps[1]["tasks"])
     # The second step sampled with the weights the first one trained, pushed to both engines.
     assert steps[1]["mean_abs_logprob_diff"] < 1e-3
+
+
+def test_a_run_whose_aggregation_prompts_overflow_the_context_stops_before_its_first_stage(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = zaya_rl("run", str(HERE / "mini.yaml"), "--run-dir", str(run_dir),
+                   "--set", "model.tiny.max_position_embeddings=96", "--set", "stages.rl.aggregation_tails=4",
+                   "--set", "stages.rl.aggregation_tail_tokens=40")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "zaya-rl: the recipe cannot run on this model: stages.1 ('rl'): its aggregation prompts plus their " \
+           "budget need up to" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (run_dir / "stages").exists()  # vLLM used to refuse the prompts mid-run, after the warmup

@@ -14,6 +14,7 @@ from zaya_rl.rsa import (
     INSTRUCTION, RsaConfig, aggregation_prompt, last_tokens, majority_index, plurality_correctness, readouts,
     run_rsa, template_overhead_tokens,
 )
+from zaya_rl.tasks import TaskStream
 
 QUESTIONS = ["1+2=?\n", "10-3+4=?\n", "7+8-9=?\n"]
 
@@ -256,3 +257,31 @@ def test_rsa_round_metrics_of_groups_laid_out_round_by_round():
     correct = torch.tensor([[1, 0], [0, 0], [1, 1], [0, 1], [1, 1], [1, 1]], dtype=torch.float)
     metrics = rsa_round_metrics(correct, keep=[0, 2, 3, 5], problems=2)
     assert metrics == {"rsa_round_rewards": [0.25, 0.75, 1.0], "rsa_round_samples": [2, 4, 2]}
+
+
+def test_rl_stages_whose_prompts_overflow_the_context_are_refused(tiny_checkpoint):
+    from pathlib import Path
+
+    from zaya_rl.controller import check_rl_context
+    from zaya_rl.models import load_tokenizer
+    from zaya_rl.recipe import RecipeError, load_recipe
+
+    tok = load_tokenizer(tiny_checkpoint)
+    mini = Path(__file__).resolve().parents[1] / "e2e" / "mini.yaml"  # rl: group 4, 24 tokens, share 0.25
+    check_rl_context(load_recipe(mini), tok, 512)
+    # Four tails of at most 24 tokens (the rollouts' length, below τ = 40), the template, the longest
+    # chain-sum question and β = 24: the bound is exact, one token less of context is refused.
+    tight = load_recipe(mini, ["stages.rl.aggregation_tails=4", "stages.rl.aggregation_tail_tokens=40"])
+    questions = [t.prompt for level in range(3) for t in TaskStream("chain_sum", 0).take(level, 16)]
+    longest = max(len(tok.encode(q, add_special_tokens=False)) for q in questions)
+    needed = longest + 4 * 24 + template_overhead_tokens(tok, 4) + 24
+    check_rl_context(tight, tok, needed)
+    with pytest.raises(RecipeError, match=rf"stages\.1 \('rl'\): its aggregation prompts plus their budget need up "
+                                          rf"to {needed} tokens but the model's context is {needed - 1}: lower "
+                                          "aggregation_tails, aggregation_tail_tokens or rollout.max_tokens"):
+        check_rl_context(tight, tok, needed - 1)
+    traces = load_recipe(mini, ["stages.rl.aggregation_share=0", "stages.rl.rsa_traces=true",
+                                "rollout.rsa={population: 4, tails: 2, rounds: 1}"])
+    with pytest.raises(RecipeError, match=r"its RSA traces .* lower rollout\.rsa\.tails"):
+        check_rl_context(traces, tok, 40)
+    check_rl_context(load_recipe(mini, ["stages.rl.aggregation_share=0"]), tok, 40)  # plain prompts: not checked
