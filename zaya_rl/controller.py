@@ -1041,7 +1041,9 @@ def check_rl_context(recipe: Recipe, tokenizer, max_model_len: int) -> None:
         questions = []
         for source_cfg in recipe.data_for(stage).sources:
             source = build_source(source_cfg, recipe.seed)
-            questions += [t.prompt for level in range(source.num_levels) for t in source.take(level, 16)]
+            # As the engines see them: a checkpoint's chat template wraps every prompt once.
+            questions += [chat_prompt(tokenizer, t.prompt) for level in range(source.num_levels)
+                          for t in source.take(level, 16)]
         needed = rsa.tokens_needed(tokenizer, questions, cfg)
         if needed > max_model_len:
             raise RecipeError(f"stages.{i} ({stage.name!r}): its {'RSA traces' if stage.rsa_traces else 'aggregation prompts'}"

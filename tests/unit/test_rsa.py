@@ -280,6 +280,11 @@ def test_rl_stages_whose_prompts_overflow_the_context_are_refused(tiny_checkpoin
                                           rf"to {needed} tokens but the model's context is {needed - 1}: lower "
                                           "aggregation_tails, aggregation_tail_tokens or rollout.max_tokens"):
         check_rl_context(tight, tok, needed - 1)
+    # A checkpoint's chat template wraps every prompt the engines get: its tokens count too.
+    tok.chat_template = "{% for m in messages %}<user>{{ m['content'] }}</user>{% endfor %}<assistant>"
+    with pytest.raises(RecipeError, match=rf"need up to {needed + len(tok.encode('<user></user><assistant>'))} "):
+        check_rl_context(tight, tok, needed)
+    tok.chat_template = None
     traces = load_recipe(mini, ["stages.rl.aggregation_share=0", "stages.rl.rsa_traces=true",
                                 "rollout.rsa={population: 4, tails: 2, rounds: 1}"])
     with pytest.raises(RecipeError, match=r"its RSA traces .* lower rollout\.rsa\.tails"):
