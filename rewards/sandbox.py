@@ -514,12 +514,10 @@ def _private_root(libc, new_root: str, expose: list[str], hide: list[str]) -> No
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
                          ("stderr", "/proc/self/fd/2")):
         os.symlink(target, f"{new_root}/dev/{name}")
-    for path in hide:  # answer keys inside what is bound: an empty directory, or an empty file
+    for path in hide:  # directories of answer keys inside what is bound: an empty one instead
         if os.path.isdir(new_root + path):
             _libc_call(libc, "mount", b"tmpfs", (new_root + path).encode(), b"tmpfs",
                        _MS_NOSUID | _MS_NODEV | _MS_RDONLY, b"size=4k")
-        elif os.path.isfile(new_root + path):
-            _bind(libc, "/dev/null", new_root + path)
     # A /proc of the new PID namespace: the program sees only its own processes. Some
     # container runtimes lock /proc; there the program has none (the host's would show ours).
     os.makedirs(new_root + "/proc")
