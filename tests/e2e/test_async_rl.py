@@ -37,13 +37,18 @@ SHAPED = ("algorithm.overlong=shape", "algorithm.overlong_buffer=16", "stages.rl
 
 
 def test_staleness_stays_within_the_bound_and_bound_0_is_the_synchronous_loop(tmp_path):
-    runs = {bound: run(tmp_path / f"bound{bound}", f"algorithm.max_off_policy_steps={bound}", *SHAPED)
+    # A log-prob limit far above fp32's engine/learner gap (about 1e-7) and below a stale batch's
+    # (its policy moved since: about 5e-3): the check holds only batches of the current weights.
+    runs = {bound: run(tmp_path / f"bound{bound}", f"algorithm.max_off_policy_steps={bound}",
+                       "algorithm.max_logprob_drift=1e-3", *SHAPED)
             for bound in (0, 1, 2)}
     steps = {bound: rl_records(tmp_path / f"bound{bound}") for bound in runs}
     # Each step trains the oldest batch in flight: sent `staleness` optimizer steps ago.
     assert [r["staleness"] for r in steps[0]] == [0, 0, 0, 0]
     assert [r["staleness"] for r in steps[1]] == [0, 1, 1, 1]
     assert [r["staleness"] for r in steps[2]] == [0, 1, 2, 2]
+    assert all(r["mean_abs_logprob_diff"] < 1e-3 for r in steps[0])
+    assert max(r["mean_abs_logprob_diff"] for r in steps[2] if r["staleness"] > 0) > 1e-3
     for bound, summary in runs.items():
         assert summary["stages"]["rl"]["staleness_histogram"] == {
             0: {"0": 4}, 1: {"0": 1, "1": 3}, 2: {"0": 1, "1": 1, "2": 2}}[bound]
