@@ -46,7 +46,8 @@ class Completion:
     turns: int = 1
     reward: float | None = None
     # The weights versions the engine held when the request entered it and when its last token
-    # was sampled: they differ when new weights arrived mid-generation (partial rollouts).
+    # was sampled: they differ when new weights arrived mid-generation (partial rollouts). A
+    # restarted engine samples with its initial weights, version 0 (the controller checks).
     weight_versions: tuple[int, int] = (0, 0)
 
     @property
@@ -430,7 +431,7 @@ class HfEngine:
                     prompt_ids=prompt_ids, token_ids=ids[:length],
                     logprobs=logprobs[j, :length].tolist(),
                     text=self.tokenizer.decode(ids[:length], skip_special_tokens=True),
-                    finished=finished,
+                    finished=finished, weight_versions=(self.version, self.version),
                 ))
             results.append(group)
         return results
@@ -476,13 +477,15 @@ class Rollout:
         repeated = [task for task in tasks for _ in range(n)]
         envs = [PythonToolEnv(environment, self.scorer) for _ in repeated]
         tokenizer = self.engine.tokenizer
+        first_version = self.engine.version
         episodes = run_episodes(
             envs, repeated, self.engine.continue_ids,
             tokenizer, temperature, max_tokens, environment.max_episode_tokens,
             self.engine.max_model_len, lambda text: chat_prompt(tokenizer, text))
         completions = [Completion(prompt_ids=e.prompt_ids, token_ids=e.token_ids, logprobs=e.logprobs,
                                   text="".join(e.actions), finished=e.eos, loss_mask=e.loss_mask,
-                                  turns=len(e.actions), reward=e.reward) for e in episodes]
+                                  turns=len(e.actions), reward=e.reward,
+                                  weight_versions=(first_version, self.engine.version)) for e in episodes]
         return [completions[i * n:(i + 1) * n] for i in range(len(tasks))]
 
     def load_weights(self, state_dict: dict[str, torch.Tensor | np.ndarray], version: int,

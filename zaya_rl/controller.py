@@ -884,16 +884,19 @@ class Controller:
         failed while sampling it (died, unavailable, or hung: it is waited for until Ray has
         restarted it), or Ray had restarted it before (it sampled with its initial weights, a
         version below `version`, the weights the batch was sent with). Before None the current
-        weights are pushed again."""
+        weights are pushed again.
+
+        The samples say which weights made them: asking a worker (`RolloutWorker.version`) would
+        wait behind the generation of the batch sent after this one, and so undo the overlap of
+        asynchronous RL."""
         workers = self.rollouts[:len(refs)]  # _send's chunks go to the first workers
         answers = self._wait_rollouts(refs, workers, self._generate_seconds(num_prompts, n, max_tokens, environment),
                                       "generate")
-        versions = None if answers is None else self._wait_rollouts(
-            [w.version.remote() for w in workers], workers, self.deadlines.small, "version")
-        if versions is None:  # a worker failed and was restarted: the event is recorded
+        if answers is None:  # a worker failed and was restarted: the event is recorded
             self.sync_weights()
             return None
-        stale = [f"rollout-{i}" for i, v in enumerate(versions) if v < version]
+        stale = [f"rollout-{i}" for i, chunk in enumerate(answers)
+                 if min((c.weight_versions[0] for group in chunk for c in group), default=version) < version]
         if not stale:
             return [group for chunk in answers for group in chunk]
         start, detected = time.perf_counter(), time.time()

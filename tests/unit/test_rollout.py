@@ -49,6 +49,9 @@ def test_logprobs_match_transformers_across_weight_updates(rollout, tiny_checkpo
         model.load_state_dict(weights)
         assert rollout.load_weights(sent, version) == version
         assert mean_abs_diff(rollout, model) < 1e-4
+        # Each sample names the weights that made it (the controller's check for a restarted engine).
+        samples = rollout.generate(PROMPTS[:1], n=2, temperature=1.0, max_tokens=4)
+        assert {c.weight_versions for group in samples for c in group} == {(version, version)}
 
 
 def test_greedy_is_deterministic_and_reports_finish(rollout):
