@@ -47,7 +47,7 @@ for name in "${steps[@]}"; do
         recipe) step recipe 1500 .venv/bin/zaya-rl run recipes/gpu.yaml --run-dir "$dir/run" \
             && step recipe_phases 300 "$py" -m benchmarks.gpu_recipe --run-dir "$dir/run" --out "$results" \
             ; clean "$dir/run/checkpoints" ;;
-        rl_lr) for lr in 2.0e-5 1.0e-4; do
+        rl_lr) for lr in 5.0e-6 5.0e-5; do
                 step "rl_lr_$lr" 600 .venv/bin/zaya-rl run recipes/gpu.yaml --stage rl --from "$dir/run/stages/warmup" \
                     --run-dir "$dir/rl_lr_$lr" --set "stages.rl.lr=$lr"
                 clean "$dir/rl_lr_$lr/checkpoints" || failed=1
