@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field, replace
@@ -222,6 +223,9 @@ class Controller:
         # Said at start, and kept in summary.json: how well code under test is walled off here.
         self.summary["sandbox"] = self.verifiers.isolation()
         print(f"zaya-rl: code sandbox: {self.summary['sandbox']['summary']}")
+        contention = placement.cpu_oversubscription(self.recipe, ray.cluster_resources().get("CPU", 0.0))
+        if contention:
+            print(f"zaya-rl: warning: {contention}", file=sys.stderr)
         self.weights_version = 0
 
     def _start_rollout(self, index: int, model_path: Path):

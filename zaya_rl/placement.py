@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from zaya_rl.recipe import ResourcesConfig
+from zaya_rl.recipe import Recipe, ResourcesConfig, RlStage
 
 
 class PlacementError(RuntimeError):
@@ -121,6 +121,21 @@ def on_driver_node() -> dict:
     import ray
 
     return preferring({"ray.io/node-id": ray.get_runtime_context().get_node_id()})
+
+
+def cpu_oversubscription(recipe: Recipe, cpus: float) -> str | None:
+    """Why an asynchronous recipe on CPU engines would run slower than its synchronous loop, or
+    None. Above bound 0 every engine and learner rank computes at once, each with
+    `torch_threads` threads; more threads than cores and they take the cores from each other (on
+    2 cores, 2 threads each: 0.23x the synchronous loop; 1 thread each: 1.32x)."""
+    res = recipe.resources
+    workers = res.num_rollout_workers + res.num_learner_workers
+    overlapping = any(isinstance(s, RlStage) and s.algorithm.max_off_policy_steps > 0 for s in recipe.stages)
+    if res.on_gpu or not overlapping or workers * res.torch_threads <= cpus:
+        return None
+    return (f"asynchronous RL runs {workers} workers at once with resources.torch_threads {res.torch_threads} "
+            f"each, on {cpus:g} CPUs: they will contend for cores and run slower than the synchronous loop; "
+            f"set resources.torch_threads to {max(1, int(cpus) // workers)}")
 
 
 def _by_node(nodes: dict[str, float]) -> str:

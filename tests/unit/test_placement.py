@@ -2,7 +2,7 @@
 
 import pytest
 
-from zaya_rl.placement import Slot, plan
+from zaya_rl.placement import Slot, cpu_oversubscription, plan
 from zaya_rl.recipe import RecipeError, ResourcesConfig, load_recipe
 
 ROOT = __import__("pathlib").Path(__file__).parents[2]
@@ -63,3 +63,18 @@ def test_tensor_parallel_engines_take_whole_cards_in_split_placement():
 def test_the_gpu_default_is_colocated_on_one_card():
     res = load_recipe(ROOT / "recipes" / "gpu.yaml").resources
     assert res.placement == "colocated" and plan(res).num_gpus == 1
+
+
+def test_asynchronous_rl_on_cpu_is_warned_when_its_threads_outnumber_the_cores():
+    tiny = ROOT / "recipes" / "tiny.yaml"
+    asynchronous = ["stages.rl.algorithm.max_off_policy_steps=1"]
+    one_thread = load_recipe(tiny, asynchronous + ["resources.torch_threads=1"])
+    two_threads = load_recipe(tiny, asynchronous + ["resources.torch_threads=2"])
+    assert cpu_oversubscription(one_thread, cpus=2) is None  # one engine and one learner, a core each
+    warning = cpu_oversubscription(two_threads, cpus=2)
+    assert "resources.torch_threads 2" in warning and "set resources.torch_threads to 1" in warning
+    assert cpu_oversubscription(two_threads, cpus=4) is None
+    assert cpu_oversubscription(load_recipe(tiny, ["resources.torch_threads=2"]), cpus=2) is None  # synchronous
+    gpu = load_recipe(ROOT / "recipes" / "gpu.yaml", ["resources.placement=split", "resources.rollout_gpus=0.5",
+                                                       "resources.learner_gpus=0.5", *asynchronous])
+    assert cpu_oversubscription(gpu, cpus=1) is None  # GPU engines and learners compute on their cards
