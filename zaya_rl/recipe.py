@@ -317,7 +317,8 @@ class AlgorithmConfig(StrictModel):
     max_logprob_drift: float | None = Field(
         0.25, gt=0.0, description="stop the run when the engine's and the learner's log-probs of the sampled "
         "tokens differ by more than this per token on average (a failed weight sync, mismatched dtypes or "
-        "kernels); fp32 on CPU agrees to about 1e-5, bf16 on GPU to about 1e-2; null never stops")
+        "kernels), checked on batches of the current weights (a stale batch's policy has moved since); fp32 "
+        "on CPU agrees to about 1e-5, bf16 on GPU to about 1e-2; null never stops")
 
     @model_validator(mode="before")
     @classmethod
