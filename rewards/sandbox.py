@@ -81,6 +81,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -171,9 +172,7 @@ class SandboxRun:
                 "dir": self.host_dir,
                 "limits": asdict(limits),
                 "python": sys.executable,
-                # Each both where it is and where it is reached from: a venv behind a symlink
-                # (a linked home directory) runs by the linked path.
-                "expose": sorted({f(p) for p in (sys.prefix, sys.base_prefix) for f in (os.path.realpath, os.path.abspath)}),
+                "expose": python_installation(),
                 "hide": answer_keys(),
                 "namespaces": _namespaces_wanted(),
                 "parent": os.getpid(),
@@ -238,6 +237,26 @@ def remove_stale_dirs() -> None:
         pid = os.path.basename(path)[len(_DIR_PREFIX) :].split("-")[0]
         if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
             shutil.rmtree(path, ignore_errors=True)
+
+
+def python_installation(prefixes: tuple[str, ...] | None = None, library_dirs: tuple[str, ...] | None = None,
+                        executable: str | None = None) -> list[str]:
+    """The directories of the Python installation the program runs on, bound into its root:
+    the installation's prefixes (a venv's and its base's), each both where it is and where it is
+    reached from (a venv behind a symlink, a linked home directory, runs by the linked path). A
+    prefix that is the root itself (a Python built with --prefix=/) would bind the whole host
+    back in, so for it only the library directories and the interpreter's directory go in."""
+    prefixes = prefixes if prefixes is not None else (sys.prefix, sys.base_prefix)
+    if library_dirs is None:
+        library_dirs = tuple(sysconfig.get_paths()[key] for key in ("stdlib", "platstdlib", "purelib", "platlib"))
+    executable = executable if executable is not None else sys.executable
+    dirs = set()
+    for prefix in prefixes:
+        if os.path.realpath(prefix) == "/":
+            dirs.update(library_dirs + (os.path.dirname(executable),))
+        else:
+            dirs.add(prefix)
+    return sorted({f(d) for d in dirs for f in (os.path.realpath, os.path.abspath)} - {"/"})
 
 
 @functools.cache

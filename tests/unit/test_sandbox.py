@@ -18,7 +18,8 @@ import psutil
 import pytest
 
 from rewards.code import StdioTests, verify_code
-from rewards.sandbox import UID_BASE, Limits, isolation, network_isolation, run_python, start_python
+from rewards.sandbox import (UID_BASE, Limits, isolation, network_isolation, python_installation, run_python,
+                             start_python)
 
 # SHORT for programs that should run into the time limit; ROOMY for the others, so that a
 # machine at load 20 (seen here) does not turn their reason into a timeout.
@@ -311,3 +312,15 @@ def test_other_limits():
     assert _check(big_file)[0] == "file size limit on test 1"
     cpu = run_python("while True:\n    pass\n", limits=Limits(wall_s=30.0, cpu_s=1))
     assert cpu.returncode == -24 and cpu.seconds < 10  # SIGXCPU, well before the wall limit
+
+
+def test_a_python_installed_at_the_root_brings_its_libraries_not_the_whole_host(tmp_path):
+    """A prefix of / (a Python built with --prefix=/) must not bind the host's root into the
+    sandbox's: its library directories and the interpreter's directory go in instead."""
+    libraries = ("/lib/python3.12", "/lib/python3.12/site-packages")
+    exposed = python_installation(prefixes=("/", "/"), library_dirs=libraries, executable="/bin/python3")
+    assert "/" not in exposed
+    assert set(exposed) == {f(d) for d in (*libraries, "/bin") for f in (os.path.realpath, os.path.abspath)}
+    venv = tmp_path / "venv"
+    assert python_installation(prefixes=(str(venv), "/usr"), library_dirs=libraries, executable="/bin/python3") \
+        == sorted({str(venv), "/usr"})
