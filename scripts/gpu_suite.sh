@@ -6,7 +6,8 @@
 # Other steps: rl_lr (after recipe: its RL stage again from the warmup at the learning rates in
 # ZAYA_RL_LRS, default "5.0e-6 5.0e-5")
 # and async (after recipe: benchmarks.async_rl from its warmup at staleness bounds 0-2, 30 steps
-# each, the card split in halves).
+# each, the card split in halves; the learner takes its batch in 4 passes, since the engine's half
+# stays allocated while it trains and a 256-prompt batch in one pass needed 49 GiB on an H100).
 # Run checkpoints are deleted once a step has read them: a gpu.yaml checkpoint is about 10 GB.
 # Logs, a `status` line per step and the recipe's run go to ZAYA_SUITE_DIR (default runs/gpu_suite);
 # the benchmarks write their JSON under ZAYA_RESULTS/gpu/ (default benchmarks/results/gpu/).
@@ -55,7 +56,8 @@ for name in "${steps[@]}"; do
             done ;;
         async) step async 1500 "$py" -m benchmarks.async_rl --recipe recipes/gpu.yaml --bounds 0 1 2 --steps 30 \
             --warmup-from "$dir/run/stages/warmup" --out "$results/gpu" \
-            --set resources.placement=split --set resources.rollout_gpus=0.5 --set resources.learner_gpus=0.5 ;;
+            --set resources.placement=split --set resources.rollout_gpus=0.5 --set resources.learner_gpus=0.5 \
+            --set deepspeed.length_buckets=4 ;;
         rollout) step rollout 900 "$py" -m benchmarks.rollout_throughput --gpu --out "$results" ;;
         sync) step sync 900 "$py" -m benchmarks.weight_sync --gpu --out "$results" ;;
         *) echo "gpu_suite: unknown step '$name' (setup tests recipe rl_lr rollout sync async)" >&2; exit 2 ;;
