@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -47,12 +48,16 @@ SETTINGS = {
 
 
 def run(recipe_path: Path, run_dir: Path, *options: str) -> dict:
-    """`zaya-rl run` of a recipe into `run_dir`; its summary.json, with the job's wall seconds."""
+    """`zaya-rl run` of a recipe into `run_dir`; its summary.json, with the job's wall seconds.
+    The run's checkpoints (optimizer state, for resuming: 10 GB for recipes/gpu.yaml) are deleted
+    once it has finished: the comparison reads held_out/ and summary.json, and the sceptic starts
+    from the warmup's stage model (stages/<name>)."""
     start = time.time()
     subprocess.run([sys.executable, "-m", "zaya_rl.cli", "run", str(recipe_path), "--run-dir", str(run_dir), *options],
                    check=True)
     summary = json.loads((run_dir / "summary.json").read_text())
     summary["job_seconds"] = time.time() - start
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return summary
 
 

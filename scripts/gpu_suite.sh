@@ -5,7 +5,9 @@
 #   usage: bash scripts/gpu_suite.sh [STEP ...]   (default: setup tests recipe rollout sync)
 # Other steps: rl_lr (after recipe: its RL stage again from the warmup at the learning rates in
 # ZAYA_RL_LRS, default "5.0e-6 5.0e-5")
-# and async (after recipe: benchmarks.async_rl from its warmup at staleness bounds 0-2, 30 steps
+# rl_vs_sft (benchmarks.rl_vs_sft on recipes/gpu.yaml: the recipe, then the same RL training seconds
+# of more SFT from its warmup, paired on the held-out set, for the seeds in ZAYA_SEEDS, default 0;
+# about 15 minutes a seed on an H100), and async (after recipe: benchmarks.async_rl from its warmup at staleness bounds 0-2, 30 steps
 # each, the card split in halves; the learner takes its batch in 4 passes, since the engine's half
 # stays allocated while it trains and a 256-prompt batch in one pass needed 49 GiB on an H100).
 # Run checkpoints are deleted once a step has read them: a gpu.yaml checkpoint is about 10 GB.
@@ -58,9 +60,11 @@ for name in "${steps[@]}"; do
             --warmup-from "$dir/run/stages/warmup" --out "$results/gpu" \
             --set resources.placement=split --set resources.rollout_gpus=0.5 --set resources.learner_gpus=0.5 \
             --set deepspeed.length_buckets=4 ;;
+        rl_vs_sft) step rl_vs_sft 1800 "$py" -m benchmarks.rl_vs_sft --recipe recipes/gpu.yaml --seeds ${ZAYA_SEEDS:-0} \
+            --out "$results/gpu" ;;
         rollout) step rollout 900 "$py" -m benchmarks.rollout_throughput --gpu --out "$results" ;;
         sync) step sync 900 "$py" -m benchmarks.weight_sync --gpu --out "$results" ;;
-        *) echo "gpu_suite: unknown step '$name' (setup tests recipe rl_lr rollout sync async)" >&2; exit 2 ;;
+        *) echo "gpu_suite: unknown step '$name' (setup tests recipe rl_lr rl_vs_sft rollout sync async)" >&2; exit 2 ;;
     esac || failed=1
 done
 echo "== done: $(tr '\n' ' ' <"$dir/status")"
