@@ -3,13 +3,15 @@
 # scripts/wheelhouse.sh bundle), runs `pytest -m gpu`, the one-GPU default recipe and the GPU
 # benchmarks, each step under a time limit and each logged on its own, going on past a failed step.
 #   usage: bash scripts/gpu_suite.sh [STEP ...]   (default: setup tests recipe rollout sync)
-# Other steps: rl_lr (after recipe: its RL stage again from the warmup at the learning rates in
-# ZAYA_RL_LRS, default "5.0e-6 5.0e-5")
-# rl_vs_sft (benchmarks.rl_vs_sft on recipes/gpu.yaml: the recipe, then the same RL training seconds
-# of more SFT from its warmup, paired on the held-out set, for the seeds in ZAYA_SEEDS, default 0;
-# about 15 minutes a seed on an H100), and async (after recipe: benchmarks.async_rl from its warmup at staleness bounds 0-2, 30 steps
-# each, the card split in halves; the learner takes its batch in 4 passes, since the engine's half
-# stays allocated while it trains and a 256-prompt batch in one pass needed 49 GiB on an H100).
+# Other steps, run only when named:
+# - rl_lr (after recipe): its RL stage again from the warmup at the learning rates in ZAYA_RL_LRS
+#   (default "5.0e-6 5.0e-5");
+# - rl_vs_sft: benchmarks.rl_vs_sft on recipes/gpu.yaml (the recipe, then its RL training seconds
+#   spent on more SFT from its warmup, paired on the held-out set) for the seeds in ZAYA_SEEDS
+#   (default 0), about 15 minutes a seed on an H100;
+# - async (after recipe): benchmarks.async_rl from its warmup at staleness bounds 0-2, 30 steps each,
+#   the card split in halves; the learner takes its batch in 4 passes, since the engine's half stays
+#   allocated while it trains and a 256-prompt batch in one pass needed 49 GiB on an H100.
 # Run checkpoints are deleted once a step has read them: a gpu.yaml checkpoint is about 10 GB.
 # Logs, a `status` line per step and the recipe's run go to ZAYA_SUITE_DIR (default runs/gpu_suite);
 # the benchmarks write their JSON under ZAYA_RESULTS/gpu/ (default benchmarks/results/gpu/).
