@@ -247,15 +247,15 @@ def python_installation(prefixes: tuple[str, ...] | None = None, library_dirs: t
     prefix that is the root itself (a Python built with --prefix=/) would bind the whole host
     back in, so for it only the library directories and the interpreter's directory go in."""
     prefixes = prefixes if prefixes is not None else (sys.prefix, sys.base_prefix)
-    if library_dirs is None:
-        library_dirs = tuple(sysconfig.get_paths()[key] for key in ("stdlib", "platstdlib", "purelib", "platlib"))
     executable = executable if executable is not None else sys.executable
     dirs = set()
     for prefix in prefixes:
-        if os.path.realpath(prefix) == "/":
-            dirs.update(library_dirs + (os.path.dirname(executable),))
-        else:
+        if os.path.realpath(prefix) != "/":
             dirs.add(prefix)
+            continue
+        if library_dirs is None:  # looked up only here: this runs for every program the sandbox starts
+            library_dirs = tuple(sysconfig.get_paths()[key] for key in ("stdlib", "platstdlib", "purelib", "platlib"))
+        dirs.update(library_dirs + (os.path.dirname(executable),))
     return sorted({f(d) for d in dirs for f in (os.path.realpath, os.path.abspath)} - {"/"})
 
 
