@@ -10,7 +10,8 @@ of the stage's loop (evaluation left out) and the training reward per step.
 The warmup runs once (`zaya-rl run --stage warmup`-style: the recipe's first stage), or is a
 checkpoint given by `--warmup-from` (the recipe's own run's `stages/warmup`); each bound then runs
 the RL stage from it (`--stage rl --from`). Writes async_rl.json and
-plots/async_rl.png (reward per step, and the reward's running mean over 10 steps). `--quick`
+plots/async_rl.png (reward per step, and the reward's running mean over 10 steps) after each
+bound, bound 0 first, so a run stopped part-way (a lease's time limit) keeps the bounds it finished. `--quick`
 (the suite's): a 60-second warmup, 12 RL steps and 200 held-out problems per source. Through
 `zaya-rl run`, so on a GPU recipe with split placement it measures the GPU loop; `--set` overrides
 the recipe in every run (one card split in halves: `--recipe recipes/gpu.yaml --set
@@ -74,38 +75,51 @@ def main(argv: list[str] | None = None) -> dict:
         start = first["stages"][warmup.name]["checkpoint"]
 
     rows, rewards = {}, {}
-    for name in args.bounds:
+    for name in ["0"] + [b for b in args.bounds if b != "0"]:  # rewritten after each: a stopped run keeps its rows
         algorithm = VARIANTS[name]
         run_dir = runs / f"bound{name.replace(' ', '_')}"
         settings = [arg for key, value in algorithm.items() for arg in ("--set", f"algorithm.{key}={json.dumps(value)}")]
-        summary = run(args.recipe, run_dir, "--stage", rl.name, "--from", start,
-                      "--set", f"stages.{rl.name}.steps={args.steps}", "--set", f"stages.{rl.name}.max_seconds=null",
-                      *settings, *common)
+        run(args.recipe, run_dir, "--stage", rl.name, "--from", start,
+            "--set", f"stages.{rl.name}.steps={args.steps}", "--set", f"stages.{rl.name}.max_seconds=null",
+            *settings, *common)
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-        stage = summary["stages"][rl.name]
-        steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        steps = [r for r in steps if r["stage"] == rl.name and "reward" in r]
-        rewards[f"bound {name}"] = [r["reward"] for r in steps]
-        rows[name] = {"steps": stage["steps"], "loop_seconds": stage["train_seconds"],
-                       "steps_per_second": stage["steps"] / stage["train_seconds"],
-                       "phase_seconds": stage["phase_seconds"], "staleness_histogram": stage["staleness_histogram"],
-                       "dropped_batches": stage["dropped_batches"], "mean_reward": sum(rewards[f"bound {name}"]) / len(steps),
-                       "mean_reward_last_half": sum(rewards[f"bound {name}"][len(steps) // 2:]) / (len(steps) - len(steps) // 2),
-                       "eval_sampled": stage["eval_sampled"]["accuracy"], "eval_greedy": stage["eval_greedy"]["accuracy"],
-                       "partial_samples": sum(r["partial_samples"] for r in steps)}
-    for row in rows.values():
-        row["speedup_over_bound_0"] = row["steps_per_second"] / rows["0"]["steps_per_second"]
-    result = {"machine": machine(), "recipe": str(args.recipe), "quick": args.quick, "rl_steps": args.steps,
-              "rows": rows}
-    write_json(args.out / "async_rl.json", result)
-    curves_plot(args.out / "plots" / "async_rl.png", f"{recipe.name}: RL from one warmup at staleness bounds 0-2",
-                rewards, {f"bound {b}": [(args.steps, rows[b]["eval_sampled"])] for b in rows})
+        rows[name], rewards[f"bound {name}"] = bound_row(run_dir, rl.name)
+        result = report(rows, rewards, args, recipe.name)
     print(text_table(f"\n{recipe.name}: {args.steps} RL steps from one warmup, by staleness bound",
                      ["bound", "steps/s", "speed-up", "mean reward", "reward, last half", "held-out sampled",
                       "staleness", "samples spanning an update"],
                      [[b, r["steps_per_second"], r["speedup_over_bound_0"], r["mean_reward"], r["mean_reward_last_half"],
                        r["eval_sampled"], json.dumps(r["staleness_histogram"]), r["partial_samples"]]
                       for b, r in rows.items()]))
+    return result
+
+
+def bound_row(run_dir: Path, stage_name: str) -> tuple[dict, list[float]]:
+    """One finished run's row (steps/s of the stage's loop, phases, staleness, rewards, held-out
+    accuracy) and its training reward per step, from its summary.json and metrics.jsonl."""
+    stage = json.loads((run_dir / "summary.json").read_text())["stages"][stage_name]
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rewards = [r["reward"] for r in steps if r["stage"] == stage_name and "reward" in r]
+    half = len(rewards) // 2
+    row = {"steps": stage["steps"], "loop_seconds": stage["train_seconds"],
+           "steps_per_second": stage["steps"] / stage["train_seconds"],
+           "phase_seconds": stage["phase_seconds"], "staleness_histogram": stage["staleness_histogram"],
+           "dropped_batches": stage["dropped_batches"], "mean_reward": sum(rewards) / len(rewards),
+           "mean_reward_last_half": sum(rewards[half:]) / (len(rewards) - half),
+           "eval_sampled": stage["eval_sampled"]["accuracy"], "eval_greedy": stage["eval_greedy"]["accuracy"],
+           "partial_samples": sum(r["partial_samples"] for r in steps if r["stage"] == stage_name and "reward" in r)}
+    return row, rewards
+
+
+def report(rows: dict, rewards: dict, args, recipe_name: str) -> dict:
+    """async_rl.json and its plot for the bounds run so far (bound 0 first: the speed-ups' base)."""
+    for row in rows.values():
+        row["speedup_over_bound_0"] = row["steps_per_second"] / rows["0"]["steps_per_second"]
+    result = {"machine": machine(), "recipe": str(args.recipe), "quick": args.quick, "rl_steps": args.steps,
+              "rows": rows}
+    write_json(args.out / "async_rl.json", result)
+    curves_plot(args.out / "plots" / "async_rl.png", f"{recipe_name}: RL from one warmup at staleness bounds 0-2",
+                rewards, {f"bound {b}": [(args.steps, rows[b]["eval_sampled"])] for b in rows})
     return result
 
 

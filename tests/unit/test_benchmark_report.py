@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from argparse import Namespace
 
+from benchmarks.async_rl import bound_row, report
 from benchmarks.report import bar_chart, markdown_table, text_table, write_json
 from benchmarks.run import headline_rows
 
@@ -45,3 +47,34 @@ def test_headline_rows_ratios():
     assert [row[3] for row in rows] == [4.0, 2.0, "-", 0.95, 1.2]
     assert rows[-1][:3] == ["RL steps/s, staleness bound 1 vs 0 (12 steps)", 0.6, 0.5]
     assert rows[0][0] == "RL samples/s vs TRL GRPOTrainer (3 steps of 16x8)"
+
+
+def write_rl_run(run_dir, rewards, train_seconds, staleness):
+    """A finished RL run's summary.json and metrics.jsonl as `zaya-rl run` writes them (the fields read)."""
+    run_dir.mkdir(parents=True)
+    steps = [{"stage": "warmup", "step": 0, "loss": 1.0}]
+    steps += [{"stage": "rl", "step": i, "reward": r, "partial_samples": 0} for i, r in enumerate(rewards)]
+    steps.append({"stage": "rl", "step": len(rewards), "eval_accuracy": 0.3})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
+    stage = {"steps": len(rewards), "train_seconds": train_seconds, "phase_seconds": {"generate": 1.0},
+             "staleness_histogram": {str(staleness): len(rewards)}, "dropped_batches": 0,
+             "eval_sampled": {"accuracy": 0.3}, "eval_greedy": {"accuracy": 0.4}}
+    (run_dir / "summary.json").write_text(json.dumps({"stages": {"rl": stage}}))
+
+
+def test_async_rl_report_keeps_each_finished_bound(tmp_path):
+    args = Namespace(recipe="r.yaml", quick=False, steps=4, out=tmp_path / "out")
+    write_rl_run(tmp_path / "bound0", [0.1, 0.2, 0.3, 0.4], train_seconds=8.0, staleness=0)
+    write_rl_run(tmp_path / "bound1", [0.1, 0.1, 0.3, 0.3], train_seconds=5.0, staleness=1)
+    rows, rewards = {}, {}
+    rows["0"], rewards["bound 0"] = bound_row(tmp_path / "bound0", "rl")
+    report(rows, rewards, args, "r")
+    written = json.loads((args.out / "async_rl.json").read_text())
+    assert list(written["rows"]) == ["0"] and written["rows"]["0"]["speedup_over_bound_0"] == 1.0
+    assert written["rows"]["0"]["mean_reward"] == 0.25 and written["rows"]["0"]["mean_reward_last_half"] == 0.35
+    rows["1"], rewards["bound 1"] = bound_row(tmp_path / "bound1", "rl")
+    report(rows, rewards, args, "r")
+    written = json.loads((args.out / "async_rl.json").read_text())
+    assert written["rows"]["1"]["speedup_over_bound_0"] == 1.6
+    assert written["rows"]["1"]["staleness_histogram"] == {"1": 4}
+    assert (args.out / "plots" / "async_rl.png").read_bytes()[:4] == b"\x89PNG"
