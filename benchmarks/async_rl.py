@@ -5,7 +5,8 @@ decode steps of the generations in flight), bounded by steps, side by side: RL s
 of the stage's loop (evaluation left out) and the training reward per step.
 
     python -m benchmarks.async_rl [--recipe recipes/tiny.yaml] [--steps 40] [--out benchmarks/results] [--quick]
-                                  [--bounds 0 1 2 ...] [--set KEY=VALUE ...] [--warmup-from CHECKPOINT]
+                                  [--bounds 0 1 2 ...] [--set KEY=VALUE ...] [--rl-set KEY=VALUE ...]
+                                  [--warmup-from CHECKPOINT]
 
 The warmup runs once (`zaya-rl run --stage warmup`-style: the recipe's first stage), or is a
 checkpoint given by `--warmup-from` (the recipe's own run's `stages/warmup`); each bound then runs
@@ -14,8 +15,10 @@ plots/async_rl.png (reward per step, and the reward's running mean over 10 steps
 bound, bound 0 first, so a run stopped part-way (a lease's time limit) keeps the bounds it finished. `--quick`
 (the suite's): a 60-second warmup, 12 RL steps and 200 held-out problems per source. Through
 `zaya-rl run`, so on a GPU recipe with split placement it measures the GPU loop; `--set` overrides
-the recipe in every run (one card split in halves: `--recipe recipes/gpu.yaml --set
-resources.placement=split --set resources.rollout_gpus=0.5 --set resources.learner_gpus=0.5`).
+the recipe in every run, `--rl-set` in the RL runs only (one card split in halves: `--recipe
+recipes/gpu.yaml --rl-set resources.placement=split --rl-set resources.rollout_gpus=0.5 --rl-set
+resources.learner_gpus=0.5 --rl-set deepspeed.length_buckets=4`: the warmup, which has no engine
+beside it, keeps the whole card and takes its batch in one pass).
 Each run's checkpoints are deleted once its summary is read: only its figures are kept (a GPU
 recipe's run checkpoint is about 10 GB).
 """
@@ -54,15 +57,18 @@ def main(argv: list[str] | None = None) -> dict:
                         help="the rows to run; 0 is needed as the speed-ups' base")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a recipe override for every run (as zaya-rl run --set)")
+    parser.add_argument("--rl-set", dest="rl_overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a recipe override for the RL runs only, not the warmup")
     parser.add_argument("--warmup-from", type=Path, help="a warmup checkpoint to start from instead of running one")
     args = parser.parse_args(argv)
     if "0" not in args.bounds:
         parser.error("--bounds must include 0: the speed-ups are over the synchronous loop")
     common = [arg for override in args.overrides for arg in ("--set", override)]
     common += ["--set", "eval.num_problems=200"] if args.quick else []
+    rl_only = [arg for override in args.rl_overrides for arg in ("--set", override)]
     if args.quick:
         args.steps = 12
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(args.recipe, args.overrides + args.rl_overrides)
     warmup = next(s for s in recipe.stages if isinstance(s, SftStage))
     rl = next(s for s in recipe.stages if isinstance(s, RlStage))
     runs = args.out / "runs" / "async_rl"
@@ -81,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
         settings = [arg for key, value in algorithm.items() for arg in ("--set", f"algorithm.{key}={json.dumps(value)}")]
         run(args.recipe, run_dir, "--stage", rl.name, "--from", start,
             "--set", f"stages.{rl.name}.steps={args.steps}", "--set", f"stages.{rl.name}.max_seconds=null",
-            *settings, *common)
+            *settings, *common, *rl_only)
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         rows[name], rewards[f"bound {name}"] = bound_row(run_dir, rl.name)
         result = report(rows, rewards, args, recipe.name)
@@ -115,8 +121,8 @@ def report(rows: dict, rewards: dict, args, recipe_name: str) -> dict:
     """async_rl.json and its plot for the bounds run so far (bound 0 first: the speed-ups' base)."""
     for row in rows.values():
         row["speedup_over_bound_0"] = row["steps_per_second"] / rows["0"]["steps_per_second"]
-    result = {"machine": machine(), "recipe": str(args.recipe), "quick": args.quick, "rl_steps": args.steps,
-              "rows": rows}
+    result = {"machine": machine(), "recipe": str(args.recipe), "overrides": args.overrides,
+              "rl_overrides": args.rl_overrides, "quick": args.quick, "rl_steps": args.steps, "rows": rows}
     write_json(args.out / "async_rl.json", result)
     curves_plot(args.out / "plots" / "async_rl.png", f"{recipe_name}: RL from one warmup at staleness bounds 0-2",
                 rewards, {f"bound {b}": [(args.steps, rows[b]["eval_sampled"])] for b in rows})

@@ -9,9 +9,12 @@
 # - rl_vs_sft: benchmarks.rl_vs_sft on recipes/gpu.yaml (the recipe, then its RL training seconds
 #   spent on more SFT from its warmup, paired on the held-out set) for the seeds in ZAYA_SEEDS
 #   (default 0), about 15 minutes a seed on an H100;
-# - async (after recipe): benchmarks.async_rl from its warmup at staleness bounds 0-2, 30 steps each,
-#   the card split in halves; the learner takes its batch in 4 passes, since the engine's half stays
-#   allocated while it trains and a 256-prompt batch in one pass needed 49 GiB on an H100.
+# - trl: benchmarks.vs_trl on recipes/gpu.yaml, our RL stage against TRL's GRPOTrainer (vLLM colocate)
+#   from the recipe step's warmup when it ran (else its own); needs the bundle's bench/ (TRL);
+# - async: benchmarks.async_rl at staleness bounds 0-2, ZAYA_ASYNC_STEPS (default 30) steps each, from
+#   the recipe step's warmup when it ran (else its own), the RL runs on the card split in halves; their
+#   learner takes its batch in 4 passes, since the engine's half stays allocated while it trains and
+#   a 256-prompt batch in one pass needed 49 GiB on an H100.
 # Run checkpoints are deleted once a step has read them: a gpu.yaml checkpoint is about 10 GB.
 # Logs, a `status` line per step and the recipe's run go to ZAYA_SUITE_DIR (default runs/gpu_suite);
 # the benchmarks write their JSON under ZAYA_RESULTS/gpu/ (default benchmarks/results/gpu/).
@@ -58,15 +61,20 @@ for name in "${steps[@]}"; do
                     --run-dir "$dir/rl_lr_$lr" --set "stages.rl.lr=$lr"
                 clean "$dir/rl_lr_$lr/checkpoints" || failed=1
             done ;;
-        async) step async 1500 "$py" -m benchmarks.async_rl --recipe recipes/gpu.yaml --bounds 0 1 2 --steps 30 \
-            --warmup-from "$dir/run/stages/warmup" --out "$results/gpu" \
-            --set resources.placement=split --set resources.rollout_gpus=0.5 --set resources.learner_gpus=0.5 \
-            --set deepspeed.length_buckets=4 ;;
+        async) warmup=()  # the recipe step's warmup when it ran, else the benchmark's own
+            [ -d "$dir/run/stages/warmup" ] && warmup=(--warmup-from "$dir/run/stages/warmup")
+            step async 1500 "$py" -m benchmarks.async_rl --recipe recipes/gpu.yaml --bounds 0 1 2 \
+            --steps "${ZAYA_ASYNC_STEPS:-30}" "${warmup[@]}" --out "$results/gpu" \
+            --rl-set resources.placement=split --rl-set resources.rollout_gpus=0.5 --rl-set resources.learner_gpus=0.5 \
+            --rl-set deepspeed.length_buckets=4 ;;
+        trl) warmup=()  # the recipe step's warmup when it ran, else the benchmark's own
+            [ -d "$dir/run/stages/warmup" ] && warmup=(--warmup "$dir/run/stages/warmup")
+            step trl 1500 "$py" -m benchmarks.vs_trl --recipe recipes/gpu.yaml "${warmup[@]}" --out "$results/gpu" ;;
         rl_vs_sft) step rl_vs_sft 1800 "$py" -m benchmarks.rl_vs_sft --recipe recipes/gpu.yaml --seeds ${ZAYA_SEEDS:-0} \
             --out "$results/gpu" ;;
         rollout) step rollout 900 "$py" -m benchmarks.rollout_throughput --gpu --out "$results" ;;
         sync) step sync 900 "$py" -m benchmarks.weight_sync --gpu --out "$results" ;;
-        *) echo "gpu_suite: unknown step '$name' (setup tests recipe rl_lr rl_vs_sft rollout sync async)" >&2; exit 2 ;;
+        *) echo "gpu_suite: unknown step '$name' (setup tests recipe rl_lr rl_vs_sft rollout sync async trl)" >&2; exit 2 ;;
     esac || failed=1
 done
 echo "== done: $(tr '\n' ' ' <"$dir/status")"

@@ -32,6 +32,8 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
     if $on_gpu && [ -n "${ZAYA_WHEELHOUSE:-}" ]; then
         # Offline, from scripts/wheelhouse.sh's bundle: it holds the exact set, so nothing is resolved.
         "${pip[@]}" --no-index --no-deps "$ZAYA_WHEELHOUSE"/*.whl
+        # The benchmarks' TRL, when the bundle has it (scripts/wheelhouse.sh's bench/).
+        [ ! -d "$ZAYA_WHEELHOUSE/bench" ] || "${pip[@]}" --no-index --no-deps "$ZAYA_WHEELHOUSE"/bench/*.whl
         DS_BUILD_OPS=0 "${pip[@]}" --no-index --no-deps --no-build-isolation "$ZAYA_WHEELHOUSE"/deepspeed-*.tar.gz
         "${pip[@]}" --no-index --no-deps --no-build-isolation -e .
     elif $on_gpu; then

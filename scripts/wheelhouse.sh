@@ -25,17 +25,24 @@ build_python=${ZAYA_BUILD_PYTHON:-python$py}
 "$build_python" -c "" 2>/dev/null || build_python=python3
 builder=("$build_python" -m pip --disable-pip-version-check)
 built=()
-for requirement in $(grep -v '^#' scripts/gpu-wheels.txt); do
-    if ! "${pip[@]}" download --quiet --no-deps --only-binary=:all: "${platform[@]}" -d "$out" "$requirement" 2>/dev/null; then
-        # No wheel for the target: build one from the sdist (with Python $py where this machine has it).
-        "${builder[@]}" wheel --quiet --no-deps --no-binary=:all: -w "$out" "$requirement"
-        built+=("$requirement")
-    fi
-done
+fetch() {  # fetch LIST DIR: a wheel for the target of every requirement in LIST, into DIR
+    mkdir -p "$2"
+    for requirement in $(grep -v '^#' "$1"); do
+        if ! "${pip[@]}" download --quiet --no-deps --only-binary=:all: "${platform[@]}" -d "$2" "$requirement" 2>/dev/null; then
+            # No wheel for the target: build one from the sdist (with Python $py where this machine has it).
+            "${builder[@]}" wheel --quiet --no-deps --no-binary=:all: -w "$2" "$requirement"
+            built+=("$requirement")
+        fi
+    done
+}
+fetch scripts/gpu-wheels.txt "$out"
+# TRL for benchmarks.vs_trl (the `bench` extra), in a folder of its own that setup.sh installs
+# when it is there: leave it out of a bundle for training only.
+fetch scripts/bench-wheels.txt "$out/bench"
 "${pip[@]}" download --quiet --no-deps --no-binary=:all: -d "$out" "deepspeed==0.19.8"
-for wheel in "$out"/*.whl; do
+for wheel in "$out"/*.whl "$out"/bench/*.whl; do
     case "$wheel" in *-py2.py3-none-*|*-py3*-none-*|*-cp3*-abi3-*|*-cp${py/./}-*) ;;
         *) echo "wheelhouse: $wheel does not run on CPython $py" >&2; exit 1 ;;
     esac
 done
-echo "wheelhouse: $(ls "$out" | wc -l) files, $(du -sh "$out" | cut -f1), in $out${built:+ (built from sdists: ${built[*]})}"
+echo "wheelhouse: $(find "$out" -type f | wc -l) files, $(du -sh "$out" | cut -f1), in $out${built:+ (built from sdists: ${built[*]})}"

@@ -63,7 +63,8 @@ def write_rl_run(run_dir, rewards, train_seconds, staleness):
 
 
 def test_async_rl_report_keeps_each_finished_bound(tmp_path):
-    args = Namespace(recipe="r.yaml", quick=False, steps=4, out=tmp_path / "out")
+    args = Namespace(recipe="r.yaml", overrides=[], rl_overrides=["resources.placement=split"], quick=False, steps=4,
+                     out=tmp_path / "out")
     write_rl_run(tmp_path / "bound0", [0.1, 0.2, 0.3, 0.4], train_seconds=8.0, staleness=0)
     write_rl_run(tmp_path / "bound1", [0.1, 0.1, 0.3, 0.3], train_seconds=5.0, staleness=1)
     rows, rewards = {}, {}
