@@ -21,8 +21,9 @@ batch in `trl_micro_batches` micro-batches of one optimizer step.
    per step, learning rate and warm-up, clip range, temperature and completion length, one
    optimizer step per batch, no KL term; `loss_type="dr_grpo"` is TRL's nearest to the
    recipe's per-sequence token sum;
-4. held-out accuracy of the warmup, our RL result and TRL's, on a vLLM engine of each (on the
-   card for a GPU recipe), sampled at the recipe's eval temperature and greedy.
+4. held-out accuracy of the warmup, our RL result and TRL's, on one vLLM engine whose weights
+   are swapped (on the card for a GPU recipe), sampled at the recipe's eval temperature and
+   greedy.
 
 TRL is timed at the niceness of Ray's workers (benchmarks/report.py), the one our learner and
 rollout worker run at. Seconds per step and samples per second count the training loop after
