@@ -36,7 +36,7 @@ import yaml
 
 from benchmarks.report import machine, text_table, write_json
 from zaya_rl.evaluate import paired_difference
-from zaya_rl.recipe import RlStage, SftStage, load_recipe
+from zaya_rl.recipe import Recipe, RlStage, SftStage, load_recipe
 
 SCEPTIC = "more_sft"
 MODES = ("sampled", "greedy")
@@ -131,19 +131,35 @@ def sceptic_recipe(recipe_path: Path, overrides: list[str], steps: int) -> dict:
     return out
 
 
-def seed_run(recipe_path: Path, seed: int, overrides: list[str], work: Path) -> dict:
-    """The recipe and the sceptic for one seed; their held-out problems and timings."""
+def finished_run(run_dir: Path, recipe: Recipe) -> dict:
+    """The summary of a finished run of exactly `recipe` (every field but run_dir, every stage
+    done), to compare instead of running the recipe again; anything else is refused."""
+    resolved = yaml.safe_load((run_dir / "recipe.resolved.yaml").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    wanted = recipe.model_dump(mode="json")
+    differ = sorted(k for k in set(wanted) | set(resolved) if k != "run_dir" and wanted.get(k) != resolved.get(k))
+    missing = [s.name for s in recipe.stages if s.name not in summary["stages"]]
+    if differ or missing:
+        raise ValueError(f"{run_dir} is not a finished run of this recipe (fields that differ: {differ}; "
+                         f"stages not run: {missing})")
+    return {**summary, "job_seconds": None}
+
+
+def seed_run(recipe_path: Path, seed: int, overrides: list[str], work: Path, recipe_run: Path | None = None) -> dict:
+    """The recipe and the sceptic for one seed; their held-out problems and timings.
+    `recipe_run`: a finished run of the recipe at this seed to use instead of a new one."""
     options = [f"--set=seed={seed}"] + [f"--set={item}" for item in overrides]
     recipe = load_recipe(recipe_path, [f"seed={seed}"] + overrides)
     sft_names = [s.name for s in recipe.stages if isinstance(s, SftStage)]
     rl_names = [s.name for s in recipe.stages if isinstance(s, RlStage)]
-    rl_dir = work / f"seed{seed}" / "recipe"
-    with_rl = run(recipe_path, rl_dir, *options)
+    rl_dir = recipe_run or work / f"seed{seed}" / "recipe"
+    with_rl = finished_run(rl_dir, recipe) if recipe_run else run(recipe_path, rl_dir, *options)
     stages = with_rl["stages"]
     warmup_seconds_per_step = sum(stages[n]["train_seconds"] for n in sft_names) / sum(stages[n]["steps"] for n in sft_names)
     rl_seconds = sum(stages[n]["train_seconds"] for n in rl_names)
     steps = max(1, round(rl_seconds / warmup_seconds_per_step))
     sceptic_path = work / f"seed{seed}" / "sceptic.yaml"
+    sceptic_path.parent.mkdir(parents=True, exist_ok=True)
     sceptic_path.write_text(yaml.safe_dump(sceptic_recipe(recipe_path, [f"seed={seed}"] + overrides, steps),
                                            sort_keys=False))
     sceptic_dir = work / f"seed{seed}" / "sceptic"
@@ -210,6 +226,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--recipe", type=Path, default=Path("recipes/tiny.yaml"))
     parser.add_argument("--seeds", type=int, nargs="+", help="default: 0 1 2 (--quick: 0)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--recipe-run", type=Path, help="a finished run of the recipe at the first seed (e.g. "
+                        "gpu_suite's recipe step's) to compare instead of running it again")
     args = parser.parse_args(argv)
     settings = SETTINGS["quick" if args.quick else "full"]
     seeds = args.seeds or settings["seeds"]
@@ -217,7 +235,8 @@ def main(argv: list[str] | None = None) -> dict:
     start = machine()
     runs: list[dict] = []
     for seed in seeds:  # the file is rewritten after each seed: a long run reports what it has
-        runs.append(seed_run(args.recipe, seed, settings["overrides"], work))
+        reuse = args.recipe_run if seed == seeds[0] else None
+        runs.append(seed_run(args.recipe, seed, settings["overrides"], work, reuse))
         result = summarise(seeds[:len(runs)], runs, start, args, settings)
         write_json(args.out / "rl_vs_sft.json", result)
     per_seed = result["seeds"]

@@ -8,7 +8,8 @@
 #   (default "5.0e-6 5.0e-5");
 # - rl_vs_sft: benchmarks.rl_vs_sft on recipes/gpu.yaml (the recipe, then its RL training seconds
 #   spent on more SFT from its warmup, paired on the held-out set) for the seeds in ZAYA_SEEDS
-#   (default 0), about 15 minutes a seed on an H100;
+#   (default 0), about 15 minutes a seed on an H100, less the recipe's run at seed 0 when the
+#   recipe step made one;
 # - trl: benchmarks.vs_trl on recipes/gpu.yaml, our RL stage against TRL's GRPOTrainer (vLLM colocate)
 #   from the recipe step's warmup when it ran (else its own); needs the bundle's bench/ (TRL);
 # - async: benchmarks.async_rl at staleness bounds 0-2, ZAYA_ASYNC_STEPS (default 30) steps each, from
@@ -70,8 +71,10 @@ for name in "${steps[@]}"; do
         trl) warmup=()  # the recipe step's warmup when it ran, else the benchmark's own
             [ -d "$dir/run/stages/warmup" ] && warmup=(--warmup "$dir/run/stages/warmup")
             step trl 1500 "$py" -m benchmarks.vs_trl --recipe recipes/gpu.yaml "${warmup[@]}" --out "$results/gpu" ;;
-        rl_vs_sft) step rl_vs_sft 1800 "$py" -m benchmarks.rl_vs_sft --recipe recipes/gpu.yaml --seeds ${ZAYA_SEEDS:-0} \
-            --out "$results/gpu" ;;
+        rl_vs_sft) seeds=(${ZAYA_SEEDS:-0}) reuse=()  # the recipe step's run is the first seed's when it is seed 0
+            [ -f "$dir/run/summary.json" ] && [ "${seeds[0]}" = 0 ] && reuse=(--recipe-run "$dir/run")
+            step rl_vs_sft 1800 "$py" -m benchmarks.rl_vs_sft --recipe recipes/gpu.yaml --seeds "${seeds[@]}" \
+            "${reuse[@]}" --out "$results/gpu" ;;
         rollout) step rollout 900 "$py" -m benchmarks.rollout_throughput --gpu --out "$results" ;;
         sync) step sync 900 "$py" -m benchmarks.weight_sync --gpu --out "$results" ;;
         *) echo "gpu_suite: unknown step '$name' (setup tests recipe rl_lr rl_vs_sft rollout sync async trl)" >&2; exit 2 ;;

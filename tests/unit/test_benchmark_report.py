@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import json
 from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import yaml
 
 from benchmarks.async_rl import bound_row, report
 from benchmarks.report import bar_chart, markdown_table, text_table, write_json
+from benchmarks.rl_vs_sft import finished_run
 from benchmarks.run import headline_rows
+from zaya_rl.recipe import load_recipe
 
 
 def test_text_table_aligns_columns():
@@ -79,3 +85,16 @@ def test_async_rl_report_keeps_each_finished_bound(tmp_path):
     assert written["rows"]["1"]["speedup_over_bound_0"] == 1.6
     assert written["rows"]["1"]["staleness_histogram"] == {"1": 4}
     assert (args.out / "plots" / "async_rl.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_rl_vs_sft_takes_a_finished_run_only_of_the_same_recipe(tmp_path):
+    recipe = load_recipe(Path("recipes/tiny.yaml"), ["seed=0"])
+    resolved = {**recipe.model_dump(mode="json"), "run_dir": str(tmp_path)}  # run_dir may differ
+    (tmp_path / "recipe.resolved.yaml").write_text(yaml.safe_dump(resolved))
+    (tmp_path / "summary.json").write_text(json.dumps({"stages": {"warmup": {"steps": 1}, "rl": {"steps": 1}}}))
+    assert finished_run(tmp_path, recipe)["stages"]["rl"] == {"steps": 1}
+    with pytest.raises(ValueError, match=r"fields that differ: \['seed'\]"):
+        finished_run(tmp_path, load_recipe(Path("recipes/tiny.yaml"), ["seed=1"]))
+    (tmp_path / "summary.json").write_text(json.dumps({"stages": {"warmup": {"steps": 1}}}))
+    with pytest.raises(ValueError, match=r"stages not run: \['rl'\]"):
+        finished_run(tmp_path, recipe)
