@@ -104,8 +104,9 @@ def bound_row(run_dir: Path, stage_name: str) -> tuple[dict, list[float]]:
     """One finished run's row (steps/s of the stage's loop, phases, staleness, rewards, held-out
     accuracy) and its training reward per step, from its summary.json and metrics.jsonl."""
     stage = json.loads((run_dir / "summary.json").read_text())["stages"][stage_name]
-    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rewards = [r["reward"] for r in steps if r["stage"] == stage_name and "reward" in r]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["stage"] == stage_name and "reward" in r]
+    rewards = [r["reward"] for r in steps]
     half = len(rewards) // 2
     row = {"steps": stage["steps"], "loop_seconds": stage["train_seconds"],
            "steps_per_second": stage["steps"] / stage["train_seconds"],
@@ -113,7 +114,7 @@ def bound_row(run_dir: Path, stage_name: str) -> tuple[dict, list[float]]:
            "dropped_batches": stage["dropped_batches"], "mean_reward": sum(rewards) / len(rewards),
            "mean_reward_last_half": sum(rewards[half:]) / (len(rewards) - half),
            "eval_sampled": stage["eval_sampled"]["accuracy"], "eval_greedy": stage["eval_greedy"]["accuracy"],
-           "partial_samples": sum(r["partial_samples"] for r in steps if r["stage"] == stage_name and "reward" in r)}
+           "partial_samples": sum(r["partial_samples"] for r in steps)}
     return row, rewards
 
 

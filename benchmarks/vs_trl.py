@@ -197,7 +197,7 @@ def evaluate(checkpoints: dict[str, Path], recipe: Recipe, num_problems: int) ->
     tasks = held_out(recipe.tasks.generator, recipe.eval.levels, num_problems)
     first = next(iter(checkpoints.values()))
     rollout = Rollout("vllm", str(first), seed=recipe.seed, max_model_len=context_length(first),
-                      torch_threads=res.torch_threads, dtype="bfloat16" if res.on_gpu and recipe.deepspeed.bf16 else "float32",
+                      torch_threads=res.torch_threads, dtype=recipe.engine_dtype,
                       gpu=GpuOptions(memory_utilization=res.gpu_memory_utilization) if res.on_gpu else None)
     results = {}
     for version, (name, path) in enumerate(checkpoints.items(), start=1):

@@ -264,12 +264,8 @@ class Controller:
             options = placement.cpu_placement(res.prefer_nodes.get("rollout"))
         return start_worker(index, res.rollout_engine, str(model_path), self.recipe.seed, context_length(model_path),
                             res.torch_threads, {**concurrency, **options}, return_routed_experts=replay,
-                            dtype=self.weight_dtype_name, gpu=gpu)
+                            dtype=self.recipe.engine_dtype, gpu=gpu)
 
-    @property
-    def weight_dtype_name(self) -> str:
-        """The engines' dtype: the learner's on GPUs (bf16 there), fp32 on the CPU."""
-        return "bfloat16" if self.recipe.resources.on_gpu and self.recipe.deepspeed.bf16 else "float32"
 
     def layout_summary(self) -> dict:
         res = self.recipe.resources
@@ -311,7 +307,7 @@ class Controller:
 
     @property
     def weight_dtype(self) -> torch.dtype:
-        return getattr(torch, self.weight_dtype_name)
+        return getattr(torch, self.recipe.engine_dtype)
 
     # ---- checkpoints ------------------------------------------------------------------
 

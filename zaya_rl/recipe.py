@@ -685,6 +685,11 @@ class Recipe(StrictModel):
                              "of its own; default: one chain_sum source at levels 0..tasks.max_level")
     stages: list[Stage] = Field(min_length=1)
 
+    @property
+    def engine_dtype(self) -> str:
+        """The engines' dtype: the learner's on GPUs (bf16 there), fp32 on the CPU."""
+        return "bfloat16" if self.resources.on_gpu and self.deepspeed.bf16 else "float32"
+
     @model_validator(mode="before")
     @classmethod
     def _default_data(cls, values: Any) -> Any:

@@ -422,3 +422,9 @@ def test_rsa_traces_take_the_rollouts_rsa_settings(tmp_path):
 ])
 def test_rsa_traces_refuse_what_they_cannot_go_with(tmp_path, old, new, where, message):
     _assert_refused(tmp_path, RSA_TRACES, old, new, where, message)
+
+
+def test_engines_take_the_learners_dtype_on_gpus_and_fp32_on_the_cpu():
+    assert load_recipe(Path("recipes/tiny.yaml")).engine_dtype == "float32"
+    assert load_recipe(Path("recipes/gpu.yaml")).engine_dtype == "bfloat16"
+    assert load_recipe(Path("recipes/gpu.yaml"), ["deepspeed.bf16=false"]).engine_dtype == "float32"
